@@ -1,0 +1,11 @@
+"""fastdiff: faster sampling from existing diffusion models, same outputs.
+
+Public API: drop-in schedulers named like diffusers' (``DDPMScheduler``, ``DDIMScheduler``), the
+reference samplers (``fastdiff.reference``) and the custom ops (``fastdiff.ops``).
+"""
+
+__version__ = "0.1.0"
+
+from .schedulers import DDIMScheduler, DDPMScheduler, SchedulerOutput  # noqa: E402
+
+__all__ = ["DDIMScheduler", "DDPMScheduler", "SchedulerOutput", "__version__"]

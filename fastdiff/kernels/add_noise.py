@@ -1,0 +1,55 @@
+"""Fused forward noising: out = P[i_b] * x + Q[i_b] * z, one launch, with (P, Q) gathered in-kernel
+from a small per-index table ((sqrt(abar_t), sqrt(1 - abar_t)) for DDPM/DDIM, (1, sigma) for Euler,
+(alpha_t, sigma_t) for DPM-Solver++) and z either read or drawn with Philox."""
+
+import triton
+import triton.language as tl
+
+from .philox import philox_normal_tile
+
+BLOCK = 2048
+NUM_WARPS = 8
+
+
+@triton.jit
+def add_noise_kernel(
+    x_ptr, z_ptr, out_ptr, tab_ptr, idx_ptr, seed_ptr, off_ptr,
+    N, n_index, x_sb, z_sb, out_sb, idx_sb,
+    NOISE: tl.constexpr, STREAM: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    rows = tl.arange(0, BLOCK // 4)[:, None]
+    lane = tl.arange(0, 4)[None, :]
+    j = pid * BLOCK + rows * 4 + lane
+    mask = j < N
+
+    i = tl.load(idx_ptr + b * idx_sb).to(tl.int64)
+    valid = (i >= 0) & (i < n_index)
+    i = tl.where(valid, i, 0)  # never read out of bounds; an invalid index yields NaN below
+    p = tl.load(tab_ptr + 2 * i)
+    q = tl.load(tab_ptr + 2 * i + 1)
+    p = tl.where(valid, p, float("nan"))
+
+    x = tl.load(x_ptr + b * x_sb + j, mask=mask, other=0.0).to(tl.float32)
+    if NOISE == 1:
+        z = tl.load(z_ptr + b * z_sb + j, mask=mask, other=0.0).to(tl.float32)
+    else:
+        seed = tl.load(seed_ptr + b)
+        offset = tl.load(off_ptr)
+        group = (pid * (BLOCK // 4) + rows).to(tl.uint32)
+        z = philox_normal_tile(seed, offset, group, lane, STREAM)
+    out = p * x + q * z
+    tl.store(out_ptr + b * out_sb + j, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def launch(x, z, out, table, index, seed, offset, N, strides, noise_mode, stream):
+    batch = x.shape[0]
+    dummy = table
+    grid = (triton.cdiv(N, BLOCK), batch)
+    add_noise_kernel[grid](
+        x, z if z is not None else dummy, out, table, index,
+        seed if seed is not None else dummy, offset if offset is not None else dummy,
+        N, table.shape[0], *strides,
+        NOISE=noise_mode, STREAM=stream, BLOCK=BLOCK, num_warps=NUM_WARPS,
+    )

@@ -1,0 +1,19 @@
+"""Pure-PyTorch samplers written op by op the way diffusers writes them: the definition of "correct".
+
+These functions take plain scalars and tensors (no scheduler object) so that each reads like the
+paper it implements. The fast paths are tested against them and against diffusers itself.
+"""
+
+from .common import add_noise, apply_guidance, get_velocity, rescale_noise_cfg, threshold_sample
+from .ddim import ddim_step
+from .ddpm import ddpm_step
+
+__all__ = [
+    "add_noise",
+    "apply_guidance",
+    "ddim_step",
+    "ddpm_step",
+    "get_velocity",
+    "rescale_noise_cfg",
+    "threshold_sample",
+]

@@ -1,0 +1,329 @@
+"""What every fastdiff scheduler shares: diffusers-style config handling, timestep lookup without
+host syncs, per-device coefficient tables, noise drawing and the fused-step call."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .. import __version__, _backend, coefs, ops
+from ..noise import as_seed_tensor, randn_tensor
+
+CONFIG_NAME = "scheduler_config.json"
+
+
+class FrozenConfig(dict):
+    """A read-only dict with attribute access, like diffusers' ``FrozenDict``."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"scheduler config has no attribute {name!r}") from None
+
+    def _immutable(self, *args, **kwargs):
+        raise TypeError("scheduler config is frozen; build a new scheduler with from_config(config, **changes)")
+
+    __setitem__ = __delitem__ = update = pop = popitem = setdefault = clear = _immutable
+
+
+@dataclass
+class SchedulerOutput:
+    """Output of ``step``: ``prev_sample`` (x_{t-1}) and ``pred_original_sample`` (x_0 estimate).
+
+    Indexable like diffusers' ``BaseOutput``: ``out[0]`` is ``prev_sample``."""
+
+    prev_sample: torch.Tensor
+    pred_original_sample: Optional[torch.Tensor] = None
+
+    def to_tuple(self) -> tuple:
+        return tuple(v for v in (self.prev_sample, self.pred_original_sample) if v is not None)
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            return getattr(self, key)
+        return self.to_tuple()[key]
+
+
+def _jsonable(value):
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+class SchedulerBase:
+    """Base of the drop-in schedulers. Subclasses define ``__init__`` with diffusers' exact keyword
+    arguments (calling ``_register_config(locals())`` first), ``set_timesteps``, ``step`` and
+    ``_coef_table``."""
+
+    order = 1
+    _compatibles: list = []
+
+    # ------------------------------------------------------------------ config
+
+    def _register_config(self, local_vars: dict, backend: Optional[str]) -> None:
+        params = inspect.signature(type(self).__init__).parameters
+        cfg = {k: _jsonable(local_vars[k]) for k in params if k not in ("self", "backend")}
+        self.config = FrozenConfig(_class_name=type(self).__name__, **cfg)
+        self.backend = backend
+        self.last_backend: Optional[str] = None
+        self._tables: dict = {}
+        self._device_cache: dict = {}
+
+    @classmethod
+    def _init_params(cls) -> list:
+        return [k for k in inspect.signature(cls.__init__).parameters if k not in ("self", "backend")]
+
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs: bool = False, **kwargs):
+        """Build from a config dict (a diffusers scheduler's ``config`` works), with ``kwargs`` overriding.
+        Keys that are not this class's arguments (other schedulers' options, ``_class_name`` ...) are ignored,
+        as in diffusers."""
+        if config is None:
+            config = {}
+        if hasattr(config, "config") and not isinstance(config, dict):  # a scheduler object
+            config = config.config
+        if not isinstance(config, dict):
+            raise TypeError(f"`config` must be a dict-like scheduler config, got {type(config).__name__}")
+        params = cls._init_params()
+        init = {k: v for k, v in dict(config).items() if k in params}
+        unused = {k: v for k, v in dict(config).items() if k not in params and not k.startswith("_")}
+        backend = kwargs.pop("backend", None)
+        for k in list(kwargs):
+            if k in params:
+                init[k] = kwargs.pop(k)
+        obj = cls(**init, backend=backend)
+        if return_unused_kwargs:
+            return obj, {**unused, **kwargs}
+        return obj
+
+    def save_pretrained(self, save_directory, **kwargs) -> None:
+        """Write ``scheduler_config.json`` (readable by diffusers' ``from_pretrained`` too)."""
+        if os.path.isfile(save_directory):
+            raise ValueError(f"`save_directory` must be a directory, got the file {save_directory!r}")
+        os.makedirs(save_directory, exist_ok=True)
+        data = dict(self.config)
+        data["_fastdiff_version"] = __version__
+        with open(os.path.join(save_directory, CONFIG_NAME), "w") as fh:
+            json.dump(data, fh, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, subfolder: Optional[str] = None, **kwargs):
+        """Load from a local folder holding ``scheduler_config.json`` (optionally in ``subfolder``); a hub id
+        is resolved through diffusers when it is installed."""
+        path = str(pretrained_model_name_or_path)
+        folder = os.path.join(path, subfolder) if subfolder else path
+        file = folder if os.path.isfile(folder) else os.path.join(folder, CONFIG_NAME)
+        if os.path.isfile(file):
+            with open(file) as fh:
+                config = json.load(fh)
+        else:
+            try:
+                import diffusers
+            except ImportError:
+                raise FileNotFoundError(
+                    f"`pretrained_model_name_or_path`: no {CONFIG_NAME} at {file!r}; install diffusers to load "
+                    "from the Hugging Face hub"
+                ) from None
+            config = diffusers.DDPMScheduler.load_config(path, subfolder=subfolder, **kwargs)
+        return cls.from_config(config, **{k: v for k, v in kwargs.items() if k in cls._init_params() + ["backend"]})
+
+    @property
+    def compatibles(self) -> list:
+        return list(self._compatibles)
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps
+
+    def __repr__(self) -> str:
+        body = "\n".join(f"  {k!r}: {v!r}," for k, v in self.config.items())
+        return f"{type(self).__name__} {{\n{body}\n}}"
+
+    # ------------------------------------------------------------------ timesteps
+
+    def _set_schedule(self, timesteps: np.ndarray, device) -> None:
+        """Install integer or float timesteps (descending) and reset the per-schedule caches."""
+        dtype = torch.int64 if np.issubdtype(timesteps.dtype, np.integer) else torch.float32
+        self.timesteps = torch.from_numpy(np.ascontiguousarray(timesteps)).to(dtype=dtype, device=device)
+        self._timestep_values = timesteps
+        self._index_of = {}
+        for i, t in enumerate(timesteps.tolist()):
+            self._index_of.setdefault(t, i)
+        self._tables = {}
+        self._device_cache = {}
+
+    def index_for_timestep(self, timestep) -> int:
+        """Index of ``timestep`` in ``self.timesteps`` without a device sync when ``timestep`` is an
+        element of ``self.timesteps`` itself (how pipelines iterate); otherwise by value."""
+        if isinstance(timestep, torch.Tensor):
+            if timestep.numel() != 1:
+                raise ValueError(f"`timestep` must be a scalar, got a tensor of shape {tuple(timestep.shape)}")
+            ts = self.timesteps
+            if (
+                timestep.device == ts.device
+                and timestep.dtype == ts.dtype
+                and timestep.untyped_storage().data_ptr() == ts.untyped_storage().data_ptr()
+            ):
+                i = timestep.storage_offset() - ts.storage_offset()
+                if 0 <= i < len(ts):
+                    return i
+            timestep = timestep.item()  # a copy elsewhere: one host read (a sync for CUDA tensors)
+        value = timestep.item() if isinstance(timestep, np.generic) else timestep
+        if isinstance(value, float) and value.is_integer() and self.timesteps.dtype == torch.int64:
+            value = int(value)
+        i = self._index_of.get(value)
+        if i is None:
+            shown = self._timestep_values.tolist()
+            shown = shown if len(shown) <= 12 else shown[:6] + ["..."] + shown[-6:]
+            raise ValueError(
+                f"`timestep`={value!r} is not in the schedule; expected one of scheduler.timesteps {shown}"
+                + ("" if getattr(self, "num_inference_steps", None) else " (call set_timesteps first?)")
+            )
+        return i
+
+    # ------------------------------------------------------------------ device-side tables
+
+    def _device_table(self, key, device) -> torch.Tensor:
+        """The float32 coefficient table for ``key`` on ``device``, built once per set_timesteps."""
+        device = torch.device(device)
+        full_key = (key, device)
+        table = self._tables.get(full_key)
+        if table is None:
+            host = self._tables.get((key, None))
+            if host is None:
+                host = self._coef_table(*key)
+                self._tables[(key, None)] = host
+            table = torch.from_numpy(host.astype(np.float32)).to(device)
+            self._tables[full_key] = table
+        return table
+
+    def _host_table(self, key) -> np.ndarray:
+        host = self._tables.get((key, None))
+        if host is None:
+            host = self._coef_table(*key)
+            self._tables[(key, None)] = host
+        return host
+
+    def _cached(self, key, make):
+        value = self._device_cache.get(key)
+        if value is None:
+            value = make()
+            self._device_cache[key] = value
+        return value
+
+    def _scalar(self, value, device) -> torch.Tensor:
+        """A float32 device scalar holding ``value`` (cached: no host-to-device copy per step)."""
+        if isinstance(value, torch.Tensor):
+            return value.to(device=device, dtype=torch.float32).reshape(1)
+        return self._cached(("scalar", float(value), torch.device(device)),
+                            lambda: torch.tensor([float(value)], dtype=torch.float32, device=device))
+
+    def _seed_tensor(self, seed, batch, device) -> torch.Tensor:
+        if isinstance(seed, torch.Tensor):
+            return as_seed_tensor(seed, batch, device)
+        key = ("seed", tuple(seed) if isinstance(seed, (list, tuple)) else seed, batch, torch.device(device))
+        return self._cached(key, lambda: as_seed_tensor(seed, batch, device))
+
+    def _offset_tensor(self, i: int, device) -> torch.Tensor:
+        """Device int64 (1,) holding ``i``: a view into a cached arange, so no copy per step."""
+        n = max(len(self.timesteps), i + 1)
+        offs = self._cached(("offsets", n, torch.device(device)),
+                            lambda: torch.arange(n, dtype=torch.int64, device=device))
+        return offs[i : i + 1]
+
+    # ------------------------------------------------------------------ validation
+
+    @staticmethod
+    def _check_tensors(model_output, sample, expected_mo_shape, allow_guidance: bool):
+        for name, t in (("model_output", model_output), ("sample", sample)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"`{name}` must be a torch.Tensor, got {type(t).__name__}")
+            if not t.is_floating_point():
+                raise TypeError(f"`{name}` must be a floating-point tensor, got dtype {t.dtype}")
+        if sample.ndim < 1:
+            raise ValueError(f"`sample` must have a batch dimension, got shape {tuple(sample.shape)}")
+        if model_output.device != sample.device:
+            raise ValueError(
+                f"`model_output` is on {model_output.device} but `sample` is on {sample.device}; expected the same device"
+            )
+        if tuple(model_output.shape) not in expected_mo_shape:
+            shapes = " or ".join(str(s) for s in expected_mo_shape)
+            raise ValueError(
+                f"`model_output` has shape {tuple(model_output.shape)}; expected {shapes} for `sample` of shape "
+                f"{tuple(sample.shape)}"
+            )
+
+    # ------------------------------------------------------------------ the fused call
+
+    def _resolve_backend(self, device) -> str:
+        backend = _backend.resolve(self.backend, device)
+        self.last_backend = backend
+        return backend
+
+    def _draw_noise(self, shape, generator, device, dtype, noise_seed, variance_noise, batch, i):
+        """Returns (noise tensor or None, seed tensor or None, offset tensor or None)."""
+        if variance_noise is not None:
+            if tuple(variance_noise.shape) != tuple(shape):
+                raise ValueError(
+                    f"`variance_noise` has shape {tuple(variance_noise.shape)}; expected {tuple(shape)}"
+                )
+            return variance_noise.to(device), None, None
+        if noise_seed is not None:
+            if generator is not None:
+                raise ValueError("pass either `generator` or `noise_seed`, not both")
+            return None, self._seed_tensor(noise_seed, batch, device), self._offset_tensor(i, device)
+        return randn_tensor(shape, generator=generator, device=device, dtype=dtype), None, None
+
+    def _fused(
+        self, backend, coef, model_output, sample, *, out_dtype, noise=None, seed=None, offset=None,
+        guidance=None, mscale=None, var=None, var_mode=coefs.VAR_FIXED, hist=(), clip_range=0.0,
+        thresholding=False, write_x0=True, x0_dtype=None, x0_out=None,
+    ):
+        """One fused step with this scheduler's clipping/thresholding. Dynamic thresholding needs the
+        per-sample quantile of |x0| first: a pass that writes only x0, then torch.quantile."""
+        thresh = None
+        common = dict(backend=backend, noise=noise, seed=seed, offset=offset, guidance=guidance, mscale=mscale)
+        if thresholding:
+            _, raw = ops.fused_step(sample, model_output, coef, out_dtype=torch.float32, write_prev=False,
+                                    **common)
+            ratio, max_value = self.config.dynamic_thresholding_ratio, self.config.sample_max_value
+            thresh = torch.quantile(raw.reshape(raw.shape[0], -1).abs(), ratio, dim=1)
+            thresh = thresh.clamp(min=1, max=max_value).contiguous()
+            clip_range = 0.0
+        return ops.fused_step(
+            sample, model_output, coef, out_dtype=out_dtype, write_x0=write_x0, x0_dtype=x0_dtype,
+            thresh=thresh, var=var, var_mode=var_mode, hist=hist, clip_range=clip_range, x0_out=x0_out, **common,
+        )
+
+
+def guidance_batch(model_output: torch.Tensor, guidance_scale) -> int:
+    """Number of samples the step produces: half the batch under classifier-free guidance."""
+    if guidance_scale is None:
+        return model_output.shape[0]
+    if model_output.shape[0] % 2:
+        raise ValueError(
+            f"`model_output` must hold an (unconditional, conditional) doubled batch when `guidance_scale` is "
+            f"given; got an odd batch of {model_output.shape[0]}"
+        )
+    return model_output.shape[0] // 2
+
+
+def rescale_factor(model_output: torch.Tensor, guidance_scale, guidance_rescale: float) -> torch.Tensor:
+    """Per-sample multiplier that applies diffusers' ``rescale_noise_cfg`` to the guided output:
+    guided * (r * std_cond / std_guided + 1 - r). Shape (B,), float32."""
+    uncond, cond = model_output.float().chunk(2)
+    guided = uncond + guidance_scale * (cond - uncond)
+    dims = list(range(1, cond.ndim))
+    ratio = cond.std(dim=dims) / guided.std(dim=dims)
+    return (guidance_rescale * ratio + (1 - guidance_rescale)).contiguous()
+

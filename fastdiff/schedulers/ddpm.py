@@ -1,0 +1,303 @@
+"""Drop-in ``DDPMScheduler``: diffusers' constructor, API and noise draws; one fused launch per step."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import numpy as np
+import torch
+
+from .. import coefs, reference
+from ..schedules import (
+    TIMESTEP_SPACINGS,
+    alphas_cumprod_from_betas,
+    check_choice,
+    check_custom_timesteps,
+    make_betas,
+    spaced_timesteps,
+)
+from ._base import SchedulerBase, SchedulerOutput, guidance_batch, rescale_factor
+
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
+
+DDPMSchedulerOutput = SchedulerOutput
+
+
+def x0_coefficients(prediction_type: str, alpha_prod_t: float) -> tuple[float, float, float]:
+    """(X_S, A_X, A_M) such that x0 = X_S * (A_X * x + A_M * model_output), in diffusers' operation order."""
+    a = alpha_prod_t
+    b = float(np.float32(1.0) - np.float32(a))  # diffusers forms 1 - abar in float32
+    if prediction_type == "epsilon":
+        return (1.0 / math.sqrt(a) if a > 0 else math.inf), 1.0, -math.sqrt(b)
+    if prediction_type == "sample":
+        return 1.0, 0.0, 1.0
+    return 1.0, math.sqrt(a), -math.sqrt(b)  # v_prediction
+
+
+class DDPMScheduler(SchedulerBase):
+    """Denoising diffusion probabilistic models (Ho et al. 2020), as diffusers' ``DDPMScheduler``.
+
+    Same constructor arguments and defaults as diffusers 0.42; ``backend`` ("auto", "cuda", "triton",
+    "reference"; default from ``FASTDIFF_BACKEND``) picks the implementation. ``step`` accepts, besides
+    diffusers' arguments, ``guidance_scale`` (the model output is an (unconditional, conditional)
+    doubled batch, combined inside the fused kernel), ``guidance_rescale`` and ``noise_seed`` (Philox
+    noise drawn in the kernel instead of a torch.randn tensor).
+    """
+
+    _compatibles = ["DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler",
+                    "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler"]
+    order = 1
+
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: Optional[Union[np.ndarray, list]] = None,
+        variance_type: str = "fixed_small",
+        clip_sample: bool = True,
+        prediction_type: str = "epsilon",
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        clip_sample_range: float = 1.0,
+        sample_max_value: float = 1.0,
+        timestep_spacing: str = "leading",
+        steps_offset: int = 0,
+        rescale_betas_zero_snr: bool = False,
+        *,
+        backend: Optional[str] = None,
+    ):
+        self._register_config(locals(), backend)
+        check_choice("variance_type", variance_type, VARIANCE_TYPES)
+        check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+        check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
+        self.betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+                                rescale_betas_zero_snr)
+        self.alphas = 1.0 - self.betas
+        self.alphas_cumprod = alphas_cumprod_from_betas(self.betas)
+        self.one = torch.tensor(1.0)
+        self.init_noise_sigma = 1.0
+        self.variance_type = variance_type
+        self.custom_timesteps = False
+        self.num_inference_steps = None
+        full = np.arange(0, num_train_timesteps)[::-1].copy()
+        self._set_schedule(full, None)
+        self._prev = full - 1
+
+    # ------------------------------------------------------------------ schedule
+
+    def set_timesteps(self, num_inference_steps: Optional[int] = None, device=None, timesteps=None):
+        """Set the inference timesteps: ``num_inference_steps`` spaced by ``config.timestep_spacing``, or a
+        custom strictly descending list ``timesteps``. The coefficient tables are rebuilt on first use on
+        the sample's device."""
+        T = self.config.num_train_timesteps
+        if num_inference_steps is not None and timesteps is not None:
+            raise ValueError("pass either `num_inference_steps` or `timesteps`, not both")
+        if timesteps is not None:
+            ts = check_custom_timesteps(timesteps, T)
+            self.custom_timesteps = True
+            self.num_inference_steps = len(ts)
+        else:
+            if num_inference_steps is None:
+                raise ValueError("`num_inference_steps` or `timesteps` is required")
+            ts = spaced_timesteps(T, num_inference_steps, self.config.timestep_spacing, self.config.steps_offset)
+            if ts.max() >= T or ts.min() < 0:
+                raise ValueError(
+                    f"`steps_offset`={self.config.steps_offset} puts timesteps {ts.tolist()[:3]}... outside "
+                    f"[0, num_train_timesteps={T})"
+                )
+            self.custom_timesteps = False
+            self.num_inference_steps = num_inference_steps
+        self._set_schedule(ts, device)
+        self._prev = np.append(ts[1:], -1)
+
+    def previous_timestep(self, timestep):
+        """The timestep after ``timestep`` in the chain (-1 after the last), as a tensor like diffusers."""
+        i = self.index_for_timestep(timestep)
+        return torch.tensor(int(self._prev[i]))
+
+    # ------------------------------------------------------------------ coefficients
+
+    def _coef_table(self) -> np.ndarray:
+        cfg = self.config
+        acp = self.alphas_cumprod.double().cpu().numpy()
+        table = np.zeros((len(self._timestep_values), coefs.NCOEF))
+        for i, (t, prev_t) in enumerate(zip(self._timestep_values.tolist(), self._prev.tolist())):
+            a = acp[t]
+            ap = acp[prev_t] if prev_t >= 0 else 1.0
+            b, bp = 1.0 - a, 1.0 - ap
+            cur_a = a / ap
+            cur_b = 1.0 - cur_a
+            row = table[i]
+            row[coefs.X_S], row[coefs.A_X], row[coefs.A_M] = x0_coefficients(cfg.prediction_type, a)
+            row[coefs.E_S] = 1.0
+            row[coefs.C_0] = math.sqrt(ap) * cur_b / b
+            row[coefs.C_X] = math.sqrt(cur_a) * bp / b
+            var = max(bp / b * cur_b, 1e-20)
+            if t > 0:
+                vt = cfg.variance_type
+                if vt in ("fixed_small", "fixed_small_log"):
+                    row[coefs.SIGMA] = math.sqrt(var)
+                elif vt in ("fixed_large", "fixed_large_log"):
+                    row[coefs.SIGMA] = math.sqrt(cur_b)
+                else:
+                    row[coefs.SIGMA] = 1.0
+                    lo, hi = math.log(var), math.log(cur_b)
+                    row[coefs.LV_A], row[coefs.LV_B] = (hi - lo) / 2, (hi + lo) / 2
+        return table
+
+    # ------------------------------------------------------------------ step
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep,
+        sample: torch.Tensor,
+        generator=None,
+        return_dict: bool = True,
+        *,
+        guidance_scale=None,
+        guidance_rescale: float = 0.0,
+        noise_seed=None,
+    ):
+        """One reverse step x_t -> x_{t-1}.
+
+        model_output: (B, C, ...) like ``sample``, or (B, 2C, ...) for the learned variance types, or a
+        doubled batch (2B, ...) with ``guidance_scale``. timestep: an element of ``self.timesteps``.
+        Noise (when t > 0) is drawn exactly as diffusers draws it from ``generator`` (or the global RNG),
+        unless ``noise_seed`` asks for in-kernel Philox noise. Returns ``SchedulerOutput`` or a tuple.
+        """
+        learned = self.variance_type in ("learned", "learned_range")
+        batch = guidance_batch(model_output, guidance_scale) if isinstance(model_output, torch.Tensor) else None
+        if isinstance(sample, torch.Tensor) and sample.ndim >= 2:
+            shape = tuple(sample.shape)
+            mo_batch = shape[0] * (2 if guidance_scale is not None else 1)
+            expected = [(mo_batch, shape[1] * 2) + shape[2:]] if learned else [(mo_batch,) + shape[1:]]
+        else:
+            expected = [tuple(getattr(sample, "shape", ()))]
+        self._check_tensors(model_output, sample, expected, guidance_scale is not None)
+        if learned and guidance_scale is not None:
+            raise ValueError("`guidance_scale` cannot be combined with variance_type "
+                             f"{self.variance_type!r}: guide the model output before the step")
+        i = self.index_for_timestep(timestep)
+        t = int(self._timestep_values[i])
+        device = sample.device
+        channels = sample.shape[1]
+        eps_part = model_output[:, :channels] if learned else model_output
+        out_dtype = torch.result_type(sample, model_output)
+        backend = self._resolve_backend(device)
+
+        noise = seed = offset = None
+        if t > 0:
+            noise, seed, offset = self._draw_noise(sample.shape, generator, device, eps_part.dtype, noise_seed,
+                                                   None, batch, i)
+
+        if backend == "reference":
+            if seed is not None:
+                from ..noise import philox_normal
+
+                noise = philox_normal(seed, sample[0].numel(), offset, coefs.STREAM_STEP)
+                noise = noise.reshape(sample.shape).to(eps_part.dtype)
+            mo = model_output
+            if guidance_scale is not None:
+                guided = reference.apply_guidance(mo, guidance_scale)
+                if guidance_rescale > 0:
+                    guided = reference.rescale_noise_cfg(guided, mo.chunk(2)[1], guidance_rescale)
+                mo = guided
+            cfg = self.config
+            prev, x0 = reference.ddpm_step(
+                mo, t, sample, alphas_cumprod=self.alphas_cumprod, prev_t=int(self._prev[i]),
+                prediction_type=cfg.prediction_type, variance_type=cfg.variance_type, clip_sample=cfg.clip_sample,
+                clip_sample_range=cfg.clip_sample_range, thresholding=cfg.thresholding,
+                dynamic_thresholding_ratio=cfg.dynamic_thresholding_ratio, sample_max_value=cfg.sample_max_value,
+                noise=noise,
+            )
+        else:
+            table = self._device_table((), device)
+            var_mode = {"learned": coefs.VAR_LEARNED, "learned_range": coefs.VAR_LEARNED_RANGE}.get(
+                self.variance_type, coefs.VAR_FIXED)
+            guidance = self._scalar(guidance_scale, device) if guidance_scale is not None else None
+            mscale = (rescale_factor(model_output, guidance_scale, guidance_rescale)
+                      if guidance_scale is not None and guidance_rescale > 0 else None)
+            prev, x0 = self._fused(
+                backend, table[i], eps_part, sample, out_dtype=out_dtype, noise=noise, seed=seed, offset=offset,
+                guidance=guidance, mscale=mscale, var=model_output[:, channels:] if learned else None,
+                var_mode=var_mode if learned else coefs.VAR_FIXED,
+                clip_range=self.config.clip_sample_range if self.config.clip_sample else 0.0,
+                thresholding=self.config.thresholding,
+            )
+        if not return_dict:
+            return (prev, x0)
+        return SchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+    # ------------------------------------------------------------------ forward process
+
+    def _add_noise_table(self, device) -> torch.Tensor:
+        def make():
+            acp = self.alphas_cumprod.double()
+            return torch.stack([acp.sqrt(), (1 - acp).sqrt()], dim=1).float().contiguous().to(device)
+
+        return self._cached(("add_noise", torch.device(device)), make)
+
+    def add_noise(self, original_samples: torch.Tensor, noise: Optional[torch.Tensor], timesteps,
+                  *, noise_seed=None) -> torch.Tensor:
+        """q(x_t | x_0) = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise, one launch. ``timesteps``: integer
+        tensor with 1 or B entries. ``noise`` may be None when ``noise_seed`` asks for Philox noise."""
+        return add_noise_train_timesteps(self, original_samples, noise, timesteps, noise_seed)
+
+    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
+        """v-prediction target sqrt(abar_t) noise - sqrt(1 - abar_t) sample."""
+        timesteps = _as_timestep_tensor(timesteps, sample)
+        return reference.get_velocity(self.alphas_cumprod, sample, noise, timesteps)
+
+    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
+        return sample
+
+
+def _as_timestep_tensor(timesteps, sample: torch.Tensor) -> torch.Tensor:
+    if not isinstance(timesteps, torch.Tensor):
+        timesteps = torch.as_tensor(timesteps)
+    if timesteps.is_floating_point() or timesteps.is_complex() or timesteps.dtype == torch.bool:
+        raise TypeError(f"`timesteps` must be an integer tensor, got dtype {timesteps.dtype}")
+    timesteps = timesteps.reshape(-1)
+    if timesteps.numel() not in (1, sample.shape[0]):
+        raise ValueError(
+            f"`timesteps` must have 1 or batch={sample.shape[0]} entries, got {timesteps.numel()}"
+        )
+    return timesteps
+
+
+def add_noise_train_timesteps(sched, original_samples, noise, timesteps, noise_seed):
+    """Shared by DDPM and DDIM: forward noising indexed by training timestep."""
+    x = original_samples
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError("`original_samples` must be a floating-point tensor")
+    timesteps = _as_timestep_tensor(timesteps, x)
+    T = sched.config.num_train_timesteps
+    if timesteps.device.type == "cpu":  # checking costs nothing here; on the GPU it would cost a sync
+        bad = (timesteps < 0) | (timesteps >= T)
+        if bool(bad.any()):
+            raise ValueError(f"`timesteps` must lie in [0, {T}), got {timesteps[bad].tolist()}")
+    if noise is None and noise_seed is None:
+        raise ValueError("`noise` is required (or pass `noise_seed` for in-kernel Philox noise)")
+    if noise is not None and tuple(noise.shape) != tuple(x.shape):
+        raise ValueError(f"`noise` has shape {tuple(noise.shape)}; expected {tuple(x.shape)} like original_samples")
+    if noise is not None and noise.device != x.device:
+        raise ValueError(f"`noise` is on {noise.device}; expected {x.device} like original_samples")
+    backend = sched._resolve_backend(x.device)
+    if backend == "reference":
+        if noise is None:
+            from ..noise import as_seed_tensor, philox_normal
+
+            seeds = as_seed_tensor(noise_seed, x.shape[0], x.device)
+            noise = philox_normal(seeds, x[0].numel(), 0, coefs.STREAM_ADD_NOISE).reshape(x.shape).to(x.dtype)
+        return reference.add_noise(sched.alphas_cumprod, x, noise, timesteps)
+    from .. import ops
+
+    seed = sched._seed_tensor(noise_seed, x.shape[0], x.device) if noise is None else None
+    offset = sched._offset_tensor(0, x.device) if noise is None else None
+    return ops.add_noise(x, sched._add_noise_table(x.device), timesteps.to(x.device), backend=backend,
+                         noise=noise, seed=seed, offset=offset)

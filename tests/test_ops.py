@@ -1,0 +1,100 @@
+"""The custom ops themselves: schema and fake implementations, poisoned outputs, edge cases."""
+
+import pytest
+import torch
+from conftest import DEVICES, available_backends
+
+from fastdiff import coefs, ops
+
+FAST_CASES = [(d, b) for d in DEVICES for b in available_backends(d)]
+
+
+def _row(device, **values):
+    row = torch.zeros(coefs.NCOEF, device=device)
+    for k, v in values.items():
+        row[getattr(coefs, k)] = v
+    return row
+
+
+@pytest.mark.parametrize("device,backend", FAST_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (2, 4, 97), (1, 3, 33, 65)])
+def test_fused_step_writes_every_element(device, backend, dtype, shape):
+    x = torch.randn(shape, device=device).to(dtype)
+    m = torch.randn(shape, device=device).to(dtype)
+    z = torch.randn(shape, device=device).to(dtype)
+    row = _row(device, X_S=0.5, A_X=1.0, A_M=-0.3, E_S=1.0, E_M=1.0, C_0=0.7, C_E=0.2, C_X=0.1, SIGMA=0.05)
+    prev = torch.full(shape, float("nan"), device=device, dtype=dtype)
+    x0 = torch.full(shape, float("nan"), device=device, dtype=dtype)
+    ops.fused_step_op(x, m, row, prev, x0, z, None, None, None, None, None, None, None, None, 1.0, 0, backend)
+    xf, mf, zf = x.float(), m.float(), z.float()
+    x0_ref = (0.5 * (xf - 0.3 * mf)).clamp(-1, 1)
+    prev_ref = 0.7 * x0_ref + 0.2 * mf + 0.1 * xf + 0.05 * zf
+    assert not prev.isnan().any() and not x0.isnan().any(), "every element must be written"
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(prev.float(), prev_ref.to(dtype).float(), **tol)
+    torch.testing.assert_close(x0.float(), x0_ref.to(dtype).float(), **tol)
+
+
+@pytest.mark.parametrize("device,backend", FAST_CASES)
+def test_fused_step_history_and_learned_variance(device, backend):
+    shape = (2, 3, 41)
+    x, m, h1, h2, v, z = (torch.randn(shape, device=device) for _ in range(6))
+    row = _row(device, X_S=1.0, A_X=0.9, A_M=-0.4, E_S=2.0, E_X=0.5, E_0=-0.25, C_0=0.6, C_E=0.3, C_X=0.2,
+               H_1=-0.15, H_2=0.05, SIGMA=0.5, LV_A=0.7, LV_B=-1.2, K_PRE=0.1)
+    prev, x0 = ops.fused_step(x, m, row, backend=backend, out_dtype=torch.float32, noise=z, var=v,
+                              var_mode=coefs.VAR_LEARNED_RANGE, hist=(h1, h2))
+    xh = x + 0.1 * z
+    x0_ref = 0.9 * xh - 0.4 * m
+    eps = 2.0 * (0.5 * xh - 0.25 * x0_ref)
+    std = 0.5 * torch.exp(0.5 * (0.7 * v - 1.2))
+    prev_ref = 0.6 * x0_ref + 0.3 * eps + 0.2 * xh - 0.15 * h1 + 0.05 * h2 + std * z
+    torch.testing.assert_close(prev, prev_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x0, x0_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device,backend", FAST_CASES)
+def test_add_noise_out_of_range_index_gives_nan_not_garbage(device, backend):
+    x = torch.randn(3, 10, device=device)
+    table = torch.tensor([[0.5, 0.5], [1.0, 0.0]], device=device)
+    idx = torch.tensor([0, 7, -1], device=device)
+    out = ops.add_noise(x, table, idx, backend=backend, noise=torch.randn_like(x))
+    assert not out[0].isnan().any()
+    assert out[1:].isnan().all()
+
+
+@pytest.mark.parametrize("device,backend", FAST_CASES)
+def test_empty_batch(device, backend):
+    x = torch.randn(0, 3, 4, device=device)
+    prev, x0 = ops.fused_step(x, x, _row(device), backend=backend, out_dtype=torch.float32)
+    assert prev.shape == x.shape and x0.shape == x.shape
+
+
+@pytest.mark.parametrize("device,backend", FAST_CASES)
+def test_opcheck(device, backend):
+    x = torch.randn(2, 3, 8, device=device)
+    m = torch.randn(4, 3, 8, device=device)
+    row = _row(device, X_S=1.0, A_X=1.0, A_M=-0.5, C_0=1.0, E_S=1.0)
+    g = torch.tensor([3.0], device=device)
+    args = (x, m, row, torch.empty_like(x), torch.empty_like(x), None, None, None, g, None, None, None, None,
+            None, 0.0, 0, backend)
+    torch.library.opcheck(torch.ops.fastdiff.fused_step.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    table = torch.rand(10, 2, device=device)
+    idx = torch.tensor([1, 9], device=device)
+    args = (x, torch.randn_like(x), table, idx, None, None, torch.empty_like(x), 2, backend)
+    torch.library.opcheck(torch.ops.fastdiff.add_noise.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+@pytest.mark.parametrize("device,backend", FAST_CASES)
+def test_torch_compile_sees_through_the_op(device, backend):
+    row = _row(device, X_S=1.0, A_X=1.0, A_M=-0.5, C_0=0.8, C_X=0.1, E_S=1.0)
+
+    def f(x, m):
+        prev, _ = ops.fused_step(x, m, row, backend=backend, out_dtype=torch.float32, write_x0=False)
+        return prev * 2
+
+    x, m = torch.randn(2, 5, device=device), torch.randn(2, 5, device=device)
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x, m), f(x, m))

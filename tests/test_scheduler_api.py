@@ -1,0 +1,200 @@
+"""The diffusers scheduler API surface, config round trips, backend selection and error messages."""
+
+import logging
+
+import pytest
+import torch
+
+import fastdiff
+
+diffusers = pytest.importorskip("diffusers")
+
+NAMES = ["DDPMScheduler", "DDIMScheduler"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_constructor_signature_matches_diffusers(name):
+    import inspect
+
+    ours = inspect.signature(getattr(fastdiff, name).__init__).parameters
+    theirs = inspect.signature(getattr(diffusers, name).__init__).parameters
+    for k, p in theirs.items():
+        assert k in ours, f"{name} lacks argument {k}"
+        assert ours[k].default == p.default or (p.default is None and ours[k].default is None), k
+    assert list(ours)[: len(theirs)] == list(theirs), "same positional order as diffusers"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_config_round_trips(tmp_path, name):
+    d = getattr(diffusers, name)(beta_schedule="scaled_linear", prediction_type="v_prediction", steps_offset=1)
+    f = getattr(fastdiff, name).from_config(d.config)
+    assert f.config.beta_schedule == "scaled_linear" and f.config.steps_offset == 1
+    f.save_pretrained(tmp_path)
+    back = getattr(fastdiff, name).from_pretrained(tmp_path)
+    assert dict(back.config) == dict(f.config)
+    # diffusers reads what fastdiff wrote
+    d2 = getattr(diffusers, name).from_pretrained(tmp_path)
+    assert d2.config.prediction_type == "v_prediction"
+    with pytest.raises(TypeError):
+        f.config["beta_schedule"] = "linear"
+
+
+def test_from_config_of_another_scheduler_ignores_its_options():
+    ddpm = diffusers.DDPMScheduler(variance_type="fixed_large", clip_sample=False)
+    ddim = fastdiff.DDIMScheduler.from_config(ddpm.config, eta_unused=1)
+    assert ddim.config.clip_sample is False
+    assert "variance_type" not in ddim.config
+    _, unused = fastdiff.DDIMScheduler.from_config(ddpm.config, return_unused_kwargs=True)
+    assert "variance_type" in unused
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_api_attributes(name):
+    f, d = getattr(fastdiff, name)(), getattr(diffusers, name)()
+    assert f.order == d.order and f.init_noise_sigma == d.init_noise_sigma and len(f) == len(d)
+    f.set_timesteps(25, device="cpu")
+    d.set_timesteps(25, device="cpu")
+    assert torch.equal(f.timesteps, d.timesteps) and f.timesteps.dtype == d.timesteps.dtype
+    x = torch.randn(1, 2, 3, 3)
+    assert f.scale_model_input(x, f.timesteps[0]) is x
+    out = f.step(torch.randn_like(x), f.timesteps[3], x, return_dict=False)
+    assert isinstance(out, tuple) and len(out) == 2
+    res = f.step(torch.randn_like(x), f.timesteps[3], x)
+    assert res[0] is res.prev_sample
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_timestep_forms(name):
+    f = getattr(fastdiff, name)(backend="reference")
+    f.set_timesteps(10)
+    x, m = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    t = int(f.timesteps[4])
+    ref = f.step(m, f.timesteps[4], x, noise_seed=1).prev_sample
+    for form in (t, float(t), torch.tensor(t), torch.tensor([t]), f.timesteps.clone()[4]):
+        torch.testing.assert_close(f.step(m, form, x, noise_seed=1).prev_sample, ref, rtol=0, atol=0)
+
+
+def test_previous_timestep_matches_diffusers():
+    for spacing in ("leading", "trailing", "linspace"):
+        d = diffusers.DDPMScheduler(timestep_spacing=spacing)
+        f = fastdiff.DDPMScheduler(timestep_spacing=spacing)
+        d.set_timesteps(13)
+        f.set_timesteps(13)
+        for t in d.timesteps:
+            assert int(f.previous_timestep(t)) == int(d.previous_timestep(t))
+
+
+def test_backend_is_visible(caplog, monkeypatch):
+    f = fastdiff.DDIMScheduler(backend="reference")
+    f.set_timesteps(5)
+    x = torch.randn(1, 1, 2, 2)
+    with caplog.at_level(logging.DEBUG, logger="fastdiff"):
+        fastdiff._backend._logged.clear()
+        f.step(x, f.timesteps[0], x)
+    assert f.last_backend == "reference"
+    assert any("-> reference" in r.getMessage() for r in caplog.records)
+    monkeypatch.setenv("FASTDIFF_BACKEND", "reference")
+    g = fastdiff.DDIMScheduler()
+    g.set_timesteps(5)
+    g.step(x, g.timesteps[0], x)
+    assert g.last_backend == "reference"
+
+
+def test_backend_errors(monkeypatch):
+    x = torch.randn(1, 1, 2, 2)
+    with pytest.raises(ValueError, match="`backend`.*'gpu'"):
+        f = fastdiff.DDIMScheduler(backend="gpu")
+        f.set_timesteps(5)
+        f.step(x, f.timesteps[0], x)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    f = fastdiff.DDIMScheduler(backend="triton")
+    f.set_timesteps(5)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        f.step(x, f.timesteps[0], x)
+    f = fastdiff.DDIMScheduler(backend="cuda")
+    f.set_timesteps(5)
+    with pytest.raises(RuntimeError, match="CUDA"):
+        f.step(x, f.timesteps[0], x)
+    monkeypatch.setenv("FASTDIFF_BACKEND", "fast")
+    f = fastdiff.DDIMScheduler()
+    f.set_timesteps(5)
+    with pytest.raises(ValueError, match="FASTDIFF_BACKEND"):
+        f.step(x, f.timesteps[0], x)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(beta_schedule="cosine"), "`beta_schedule`.*'cosine'"),
+        (dict(prediction_type="eps"), "`prediction_type`.*'eps'"),
+        (dict(timestep_spacing="uniform"), "`timestep_spacing`.*'uniform'"),
+        (dict(trained_betas=[0.1, 0.2]), "`trained_betas`.*length"),
+        (dict(num_train_timesteps=0), "`num_train_timesteps`"),
+    ],
+)
+@pytest.mark.parametrize("name", NAMES)
+def test_bad_config_values(name, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        getattr(fastdiff, name)(**kwargs)
+
+
+def test_bad_variance_type():
+    with pytest.raises(ValueError, match="`variance_type`.*'fixed'"):
+        fastdiff.DDPMScheduler(variance_type="fixed")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bad_step_inputs(name):
+    f = getattr(fastdiff, name)(backend="reference")
+    with pytest.raises(ValueError, match="`num_inference_steps`=1001"):
+        f.set_timesteps(1001)
+    with pytest.raises(ValueError, match="`num_inference_steps` must be >= 1"):
+        f.set_timesteps(0)
+    with pytest.raises(ValueError, match="descending"):
+        f.set_timesteps(timesteps=[10, 20])
+    f.set_timesteps(10)
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(ValueError, match=r"`timestep`=5 is not in the schedule"):
+        f.step(x, 5, x)
+    with pytest.raises(ValueError, match=r"`model_output` has shape \(2, 3, 4, 5\)"):
+        f.step(torch.randn(2, 3, 4, 5), f.timesteps[0], x)
+    with pytest.raises(TypeError, match="`sample` must be a floating-point tensor"):
+        f.step(x, f.timesteps[0], torch.ones(2, 3, 4, 4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="`model_output` is on meta"):
+        f.step(torch.randn(2, 3, 4, 4, device="meta"), f.timesteps[0], x)
+    with pytest.raises(ValueError, match="odd batch"):
+        f.step(torch.randn(3, 3, 4, 4), f.timesteps[0], x, guidance_scale=2.0)
+    with pytest.raises(ValueError, match="`timestep` must be a scalar"):
+        f.step(x, f.timesteps[:2], x)
+    with pytest.raises(ValueError, match="`seed` must give one seed per sample"):
+        f.step(x, f.timesteps[0], x, noise_seed=[1, 2, 3], **({"eta": 1.0} if name == "DDIMScheduler" else {}))
+
+
+def test_ddim_step_before_set_timesteps():
+    f = fastdiff.DDIMScheduler()
+    x = torch.randn(1, 1, 2, 2)
+    with pytest.raises(ValueError, match="set_timesteps"):
+        f.step(x, 999, x)
+
+
+def test_add_noise_errors():
+    f = fastdiff.DDPMScheduler(backend="reference")
+    x = torch.randn(3, 2, 4)
+    with pytest.raises(ValueError, match=r"`timesteps` must lie in \[0, 1000\)"):
+        f.add_noise(x, torch.randn_like(x), torch.tensor([0, 1000, 5]))
+    with pytest.raises(ValueError, match="`timesteps` must have 1 or batch=3 entries"):
+        f.add_noise(x, torch.randn_like(x), torch.tensor([1, 2]))
+    with pytest.raises(TypeError, match="`timesteps` must be an integer tensor"):
+        f.add_noise(x, torch.randn_like(x), torch.tensor([0.5]))
+    with pytest.raises(ValueError, match="`noise` has shape"):
+        f.add_noise(x, torch.randn(3, 2, 5), torch.tensor([1]))
+    with pytest.raises(ValueError, match="`noise` is required"):
+        f.add_noise(x, None, torch.tensor([1]))
+
+
+def test_ddpm_learned_variance_needs_doubled_channels():
+    f = fastdiff.DDPMScheduler(variance_type="learned_range")
+    f.set_timesteps(4)
+    x = torch.randn(1, 3, 4, 4)
+    with pytest.raises(ValueError, match=r"expected \(1, 6, 4, 4\)"):
+        f.step(torch.randn(1, 3, 4, 4), f.timesteps[0], x)
