@@ -6,6 +6,16 @@ reference samplers (``fastdiff.reference``) and the custom ops (``fastdiff.ops``
 
 __version__ = "0.1.0"
 
+from .graph import GraphCaptureError, GraphSampler  # noqa: E402
+from .sampling import sample  # noqa: E402
 from .schedulers import DDIMScheduler, DDPMScheduler, SchedulerOutput  # noqa: E402
 
-__all__ = ["DDIMScheduler", "DDPMScheduler", "SchedulerOutput", "__version__"]
+__all__ = [
+    "DDIMScheduler",
+    "DDPMScheduler",
+    "GraphCaptureError",
+    "GraphSampler",
+    "SchedulerOutput",
+    "__version__",
+    "sample",
+]

@@ -18,7 +18,7 @@ logger = logging.getLogger("fastdiff")
 BACKENDS = ("auto", "cuda", "triton", "reference")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton_import_error() -> str | None:
     try:
         import triton  # noqa: F401
@@ -37,7 +37,7 @@ def interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cuda_ext_error() -> str | None:
     try:
         from . import _C  # noqa: F401  (registers torch.ops.fastdiff.*_cuda)

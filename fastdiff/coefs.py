@@ -29,8 +29,24 @@ LV_A, LV_B = 12, 13
 X_S, E_S = 14, 15
 NCOEF = 24  # eight spare slots for later samplers; a row is 96 bytes
 
-NAMES = ("A_X", "A_M", "E_X", "E_M", "E_0", "C_0", "C_E", "C_X", "SIGMA", "K_PRE", "H_1", "H_2", "LV_A", "LV_B",
-         "X_S", "E_S")
+NAMES = (
+    "A_X",
+    "A_M",
+    "E_X",
+    "E_M",
+    "E_0",
+    "C_0",
+    "C_E",
+    "C_X",
+    "SIGMA",
+    "K_PRE",
+    "H_1",
+    "H_2",
+    "LV_A",
+    "LV_B",
+    "X_S",
+    "E_S",
+)
 
 # variance modes (how `std` is formed), shared with the kernels
 VAR_FIXED, VAR_LEARNED, VAR_LEARNED_RANGE = 0, 1, 2

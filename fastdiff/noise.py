@@ -18,8 +18,6 @@ log/cos/sin.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 PHILOX_M0 = 0xD2511F53
@@ -61,9 +59,7 @@ def _box_muller(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return r * torch.cos(theta), r * torch.sin(theta)
 
 
-def philox_normal(
-    seeds: torch.Tensor, numel: int, offset: int | torch.Tensor = 0, stream: int = 0
-) -> torch.Tensor:
+def philox_normal(seeds: torch.Tensor, numel: int, offset: int | torch.Tensor = 0, stream: int = 0) -> torch.Tensor:
     """Standard normals of shape (len(seeds), numel), float32, per the module's Philox convention.
 
     seeds: int64 tensor (B,), one seed per sample; offset: step offset (int or int64 tensor of 1
@@ -74,7 +70,7 @@ def philox_normal(
     device = seeds.device
     groups = (numel + 3) // 4
     g = torch.arange(groups, device=device, dtype=torch.int64)[None, :]
-    off = offset if isinstance(offset, torch.Tensor) else torch.tensor(offset, dtype=torch.int64, device=device)
+    off = offset if isinstance(offset, torch.Tensor) else torch.full((), offset, dtype=torch.int64, device=device)
     off = off.to(device=device, dtype=torch.int64).reshape(())
     s = seeds[:, None]
     k0, k1 = s & MASK32, (s >> 32) & MASK32
@@ -125,7 +121,3 @@ def randn_tensor(shape, generator=None, device=None, dtype=None) -> torch.Tensor
         parts = [torch.randn((1,) + shape[1:], generator=g, device=rand_device, dtype=dtype) for g in generator]
         return torch.cat(parts, dim=0).to(device)
     return torch.randn(shape, generator=generator, device=rand_device, dtype=dtype).to(device)
-
-
-def gaussian_cdf(x: float) -> float:
-    return 0.5 * (1 + math.erf(x / math.sqrt(2)))

@@ -35,23 +35,36 @@ def as_rows(t: Optional[Tensor]) -> tuple[Optional[Tensor], int]:
     sample's own elements are not contiguous. Returns (tensor, batch stride)."""
     if t is None:
         return None, 0
-    if not _inner_contiguous(t):
+    if not t.is_contiguous() and not _inner_contiguous(t):
         t = t.contiguous()
-    return t, (t.stride(0) if t.ndim > 0 and t.shape[0] > 1 else t[0].numel() if t.ndim > 0 else 0)
+    return t, t.stride(0)
 
 
 def _fused_step_impl(
-    sample: Tensor, model_output: Tensor, coef: Tensor, prev_out: Optional[Tensor], x0_out: Optional[Tensor],
-    noise: Optional[Tensor], seed: Optional[Tensor], offset: Optional[Tensor], guidance: Optional[Tensor],
-    thresh: Optional[Tensor], mscale: Optional[Tensor], var: Optional[Tensor], hist1: Optional[Tensor],
-    hist2: Optional[Tensor], clip_range: float, var_mode: int, backend: str,
+    sample: Tensor,
+    model_output: Tensor,
+    coef: Tensor,
+    prev_out: Optional[Tensor],
+    x0_out: Optional[Tensor],
+    noise: Optional[Tensor],
+    seed: Optional[Tensor],
+    offset: Optional[Tensor],
+    guidance: Optional[Tensor],
+    thresh: Optional[Tensor],
+    mscale: Optional[Tensor],
+    var: Optional[Tensor],
+    hist1: Optional[Tensor],
+    hist2: Optional[Tensor],
+    clip_range: float,
+    var_mode: int,
+    backend: str,
 ) -> None:
     batch = sample.shape[0]
-    numel = sample[0].numel() if batch else 0
-    if batch == 0 or numel == 0:
+    numel = sample.numel() // batch if batch else 0
+    if numel == 0:
         return
     for name, out in (("prev_out", prev_out), ("x0_out", x0_out)):
-        if out is not None and not _inner_contiguous(out):
+        if out is not None and not out.is_contiguous() and not _inner_contiguous(out):
             raise ValueError(f"`{name}` must have contiguous samples, got strides {out.stride()}")
     x, xs = as_rows(sample)
     m, ms = as_rows(model_output)
@@ -66,14 +79,46 @@ def _fused_step_impl(
         from .kernels import step as step_kernels
 
         step_kernels.launch(
-            x, m, coef, prev_out, x0_out, z, seed, offset, guidance, thresh, mscale, v, h1, h2,
-            numel, batch, (xs, ms, zs, vs, h1s, h2s, ps, x0s), float(clip_range), noise_mode, var_mode,
+            x,
+            m,
+            coef,
+            prev_out,
+            x0_out,
+            z,
+            seed,
+            offset,
+            guidance,
+            thresh,
+            mscale,
+            v,
+            h1,
+            h2,
+            numel,
+            batch,
+            (xs, ms, zs, vs, h1s, h2s, ps, x0s),
+            float(clip_range),
+            noise_mode,
+            var_mode,
             prev_out is not None,
         )
     elif backend == "cuda":
         torch.ops.fastdiff.fused_step_cuda(
-            x, m, coef, prev_out, x0_out, z, seed, offset, guidance, thresh, mscale, v, h1, h2,
-            float(clip_range), int(var_mode),
+            x,
+            m,
+            coef,
+            prev_out,
+            x0_out,
+            z,
+            seed,
+            offset,
+            guidance,
+            thresh,
+            mscale,
+            v,
+            h1,
+            h2,
+            float(clip_range),
+            int(var_mode),
         )
     else:
         raise ValueError(f"fastdiff::fused_step runs backend 'triton' or 'cuda', got {backend!r}")
@@ -81,32 +126,84 @@ def _fused_step_impl(
 
 @torch.library.custom_op("fastdiff::fused_step", mutates_args=("prev_out", "x0_out"))
 def fused_step_op(
-    sample: Tensor, model_output: Tensor, coef: Tensor, prev_out: Optional[Tensor], x0_out: Optional[Tensor],
-    noise: Optional[Tensor], seed: Optional[Tensor], offset: Optional[Tensor], guidance: Optional[Tensor],
-    thresh: Optional[Tensor], mscale: Optional[Tensor], var: Optional[Tensor], hist1: Optional[Tensor],
-    hist2: Optional[Tensor], clip_range: float, var_mode: int, backend: str,
+    sample: Tensor,
+    model_output: Tensor,
+    coef: Tensor,
+    prev_out: Optional[Tensor],
+    x0_out: Optional[Tensor],
+    noise: Optional[Tensor],
+    seed: Optional[Tensor],
+    offset: Optional[Tensor],
+    guidance: Optional[Tensor],
+    thresh: Optional[Tensor],
+    mscale: Optional[Tensor],
+    var: Optional[Tensor],
+    hist1: Optional[Tensor],
+    hist2: Optional[Tensor],
+    clip_range: float,
+    var_mode: int,
+    backend: str,
 ) -> None:
     """One generic scheduler step (see ``fastdiff.coefs`` for the formula). Writes ``prev_out`` and/or
     ``x0_out``; ``model_output`` holds 2B samples (unconditional first) when ``guidance`` is given."""
     _fused_step_impl(
-        sample, model_output, coef, prev_out, x0_out, noise, seed, offset, guidance, thresh, mscale, var,
-        hist1, hist2, clip_range, var_mode, backend,
+        sample,
+        model_output,
+        coef,
+        prev_out,
+        x0_out,
+        noise,
+        seed,
+        offset,
+        guidance,
+        thresh,
+        mscale,
+        var,
+        hist1,
+        hist2,
+        clip_range,
+        var_mode,
+        backend,
     )
 
 
 @fused_step_op.register_fake
-def _(sample, model_output, coef, prev_out, x0_out, noise, seed, offset, guidance, thresh, mscale, var,
-      hist1, hist2, clip_range, var_mode, backend):
+def _(
+    sample,
+    model_output,
+    coef,
+    prev_out,
+    x0_out,
+    noise,
+    seed,
+    offset,
+    guidance,
+    thresh,
+    mscale,
+    var,
+    hist1,
+    hist2,
+    clip_range,
+    var_mode,
+    backend,
+):
     return None
 
 
 def _add_noise_impl(
-    sample: Tensor, noise: Optional[Tensor], table: Tensor, index: Tensor, seed: Optional[Tensor],
-    offset: Optional[Tensor], out: Tensor, stream: int, backend: str,
+    sample: Tensor,
+    noise: Optional[Tensor],
+    table: Tensor,
+    index: Tensor,
+    seed: Optional[Tensor],
+    offset: Optional[Tensor],
+    out: Tensor,
+    stream: int,
+    backend: str,
 ) -> None:
     batch = sample.shape[0]
-    numel = sample[0].numel() if batch else 0
-    if batch == 0 or numel == 0:
+    numel = sample.numel() // batch if batch else 0
+    if numel == 0:
         return
     x, xs = as_rows(sample)
     z, zs = as_rows(noise)
@@ -116,8 +213,9 @@ def _add_noise_impl(
     if backend == "triton":
         from .kernels import add_noise as add_noise_kernels
 
-        add_noise_kernels.launch(x, z, out, table, index, seed, offset, numel, (xs, zs, os_, idx_stride),
-                                 noise_mode, stream)
+        add_noise_kernels.launch(
+            x, z, out, table, index, seed, offset, numel, (xs, zs, os_, idx_stride), noise_mode, stream
+        )
     elif backend == "cuda":
         torch.ops.fastdiff.add_noise_cuda(x, z, table, index, seed, offset, out, int(stream))
     else:
@@ -126,8 +224,15 @@ def _add_noise_impl(
 
 @torch.library.custom_op("fastdiff::add_noise", mutates_args=("out",))
 def add_noise_op(
-    sample: Tensor, noise: Optional[Tensor], table: Tensor, index: Tensor, seed: Optional[Tensor],
-    offset: Optional[Tensor], out: Tensor, stream: int, backend: str,
+    sample: Tensor,
+    noise: Optional[Tensor],
+    table: Tensor,
+    index: Tensor,
+    seed: Optional[Tensor],
+    offset: Optional[Tensor],
+    out: Tensor,
+    stream: int,
+    backend: str,
 ) -> None:
     """out[b] = table[index[b], 0] * sample[b] + table[index[b], 1] * z[b], with z = ``noise`` or Philox
     normals from (seed[b], offset, stream). ``index`` has 1 or B entries; an index outside the table
@@ -177,14 +282,38 @@ def fused_step(
     h1 = hist[0] if len(hist) > 0 else None
     h2 = hist[1] if len(hist) > 1 else None
     fn = fused_step_op if _tracing() else _fused_step_impl
-    fn(sample, model_output, coef, prev, x0_out, noise, seed, offset, guidance, thresh, mscale, var, h1, h2,
-       float(clip_range), int(var_mode), backend)
+    fn(
+        sample,
+        model_output,
+        coef,
+        prev,
+        x0_out,
+        noise,
+        seed,
+        offset,
+        guidance,
+        thresh,
+        mscale,
+        var,
+        h1,
+        h2,
+        float(clip_range),
+        int(var_mode),
+        backend,
+    )
     return prev, x0_out
 
 
 def add_noise(
-    sample: Tensor, table: Tensor, index: Tensor, *, backend: str, noise: Optional[Tensor] = None,
-    seed: Optional[Tensor] = None, offset: Optional[Tensor] = None, stream: int = coefs.STREAM_ADD_NOISE,
+    sample: Tensor,
+    table: Tensor,
+    index: Tensor,
+    *,
+    backend: str,
+    noise: Optional[Tensor] = None,
+    seed: Optional[Tensor] = None,
+    offset: Optional[Tensor] = None,
+    stream: int = coefs.STREAM_ADD_NOISE,
 ) -> Tensor:
     out = torch.empty(sample.shape, dtype=sample.dtype, device=sample.device)
     fn = add_noise_op if _tracing() else _add_noise_impl

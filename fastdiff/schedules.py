@@ -126,9 +126,7 @@ def check_custom_timesteps(timesteps, num_train_timesteps: int) -> np.ndarray:
     if np.any(arr[1:] >= arr[:-1]):
         raise ValueError(f"`timesteps` must be strictly descending, got {arr.tolist()}")
     if arr[0] >= num_train_timesteps or arr[-1] < 0:
-        raise ValueError(
-            f"`timesteps` must lie in [0, num_train_timesteps={num_train_timesteps}), got {arr.tolist()}"
-        )
+        raise ValueError(f"`timesteps` must lie in [0, num_train_timesteps={num_train_timesteps}), got {arr.tolist()}")
     return arr
 
 

@@ -24,3 +24,13 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """TF32 convolutions round their inputs to 10 mantissa bits, so a 1e-7 difference in the latents can flip
+    a rounding and move the next UNet output by ~1e-3: that measures TF32, not the scheduler. Full fp32 here."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

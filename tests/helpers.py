@@ -14,7 +14,8 @@ def describe_diff(actual: torch.Tensor, expected: torch.Tensor) -> str:
     return (
         f"max |diff| {diff[finite].max().item() if finite.any() else float('nan'):.3e} at {where} "
         f"(actual {a.flatten()[idx].item():.6g}, expected {e.flatten()[idx].item():.6g}); "
-        f"max |expected| {e.abs().max().item():.3e}; NaN actual/expected {int(a.isnan().sum())}/{int(e.isnan().sum())}, "
+        f"max |expected| {e.abs().max().item():.3e}; "
+        f"NaN actual/expected {int(a.isnan().sum())}/{int(e.isnan().sum())}, "
         f"inf actual/expected {int(a.isinf().sum())}/{int(e.isinf().sum())}"
     )
 
@@ -25,8 +26,9 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     if a.shape != e.shape:
         raise AssertionError(f"shape {tuple(a.shape)} != expected {tuple(e.shape)}")
     if torch.isnan(a).any() or torch.isnan(e).any():
-        return float("inf") if not torch.equal(a.isnan(), e.isnan()) else rel_err(
-            torch.nan_to_num(a), torch.nan_to_num(e))
+        return (
+            float("inf") if not torch.equal(a.isnan(), e.isnan()) else rel_err(torch.nan_to_num(a), torch.nan_to_num(e))
+        )
     scale = e.abs().max().item()
     return (a - e).abs().max().item() / (scale if scale > 0 else 1.0)
 

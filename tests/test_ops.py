@@ -40,10 +40,35 @@ def test_fused_step_writes_every_element(device, backend, dtype, shape):
 def test_fused_step_history_and_learned_variance(device, backend):
     shape = (2, 3, 41)
     x, m, h1, h2, v, z = (torch.randn(shape, device=device) for _ in range(6))
-    row = _row(device, X_S=1.0, A_X=0.9, A_M=-0.4, E_S=2.0, E_X=0.5, E_0=-0.25, C_0=0.6, C_E=0.3, C_X=0.2,
-               H_1=-0.15, H_2=0.05, SIGMA=0.5, LV_A=0.7, LV_B=-1.2, K_PRE=0.1)
-    prev, x0 = ops.fused_step(x, m, row, backend=backend, out_dtype=torch.float32, noise=z, var=v,
-                              var_mode=coefs.VAR_LEARNED_RANGE, hist=(h1, h2))
+    row = _row(
+        device,
+        X_S=1.0,
+        A_X=0.9,
+        A_M=-0.4,
+        E_S=2.0,
+        E_X=0.5,
+        E_0=-0.25,
+        C_0=0.6,
+        C_E=0.3,
+        C_X=0.2,
+        H_1=-0.15,
+        H_2=0.05,
+        SIGMA=0.5,
+        LV_A=0.7,
+        LV_B=-1.2,
+        K_PRE=0.1,
+    )
+    prev, x0 = ops.fused_step(
+        x,
+        m,
+        row,
+        backend=backend,
+        out_dtype=torch.float32,
+        noise=z,
+        var=v,
+        var_mode=coefs.VAR_LEARNED_RANGE,
+        hist=(h1, h2),
+    )
     xh = x + 0.1 * z
     x0_ref = 0.9 * xh - 0.4 * m
     eps = 2.0 * (0.5 * xh - 0.25 * x0_ref)
@@ -76,15 +101,38 @@ def test_opcheck(device, backend):
     m = torch.randn(4, 3, 8, device=device)
     row = _row(device, X_S=1.0, A_X=1.0, A_M=-0.5, C_0=1.0, E_S=1.0)
     g = torch.tensor([3.0], device=device)
-    args = (x, m, row, torch.empty_like(x), torch.empty_like(x), None, None, None, g, None, None, None, None,
-            None, 0.0, 0, backend)
-    torch.library.opcheck(torch.ops.fastdiff.fused_step.default, args,
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    args = (
+        x,
+        m,
+        row,
+        torch.empty_like(x),
+        torch.empty_like(x),
+        None,
+        None,
+        None,
+        g,
+        None,
+        None,
+        None,
+        None,
+        None,
+        0.0,
+        0,
+        backend,
+    )
+    torch.library.opcheck(
+        torch.ops.fastdiff.fused_step.default,
+        args,
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )
     table = torch.rand(10, 2, device=device)
     idx = torch.tensor([1, 9], device=device)
     args = (x, torch.randn_like(x), table, idx, None, None, torch.empty_like(x), 2, backend)
-    torch.library.opcheck(torch.ops.fastdiff.add_noise.default, args,
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    torch.library.opcheck(
+        torch.ops.fastdiff.add_noise.default,
+        args,
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )
 
 
 @pytest.mark.parametrize("device,backend", FAST_CASES)

@@ -14,19 +14,29 @@ BACKEND_CASES = [(d, b) for d in DEVICES for b in ["reference"] + available_back
 
 def tiny_unet(seed=0, **overrides):
     torch.manual_seed(seed)
-    config = dict(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
-                  block_out_channels=(16, 32), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                  up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8)
+    config = dict(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+    )
     config.update(overrides)
     return diffusers.UNet2DModel(**config).eval()
 
 
 @pytest.mark.parametrize("device,backend", BACKEND_CASES)
-@pytest.mark.parametrize("pipeline,scheduler,kwargs", [
-    ("DDPMPipeline", "DDPMScheduler", dict(num_inference_steps=20)),
-    ("DDIMPipeline", "DDIMScheduler", dict(num_inference_steps=12, eta=0.0)),
-    ("DDIMPipeline", "DDIMScheduler", dict(num_inference_steps=12, eta=1.0)),
-])
+@pytest.mark.parametrize(
+    "pipeline,scheduler,kwargs",
+    [
+        ("DDPMPipeline", "DDPMScheduler", dict(num_inference_steps=20)),
+        ("DDIMPipeline", "DDIMScheduler", dict(num_inference_steps=12, eta=0.0)),
+        ("DDIMPipeline", "DDIMScheduler", dict(num_inference_steps=12, eta=1.0)),
+    ],
+)
 def test_pipeline_same_images(device, backend, pipeline, scheduler, kwargs):
     unet = tiny_unet().to(device)
     d_sched = getattr(diffusers, scheduler)(num_train_timesteps=1000, clip_sample=True)

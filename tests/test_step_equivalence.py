@@ -38,8 +38,9 @@ def _model_output(shape, variance_type, device, dtype=torch.float32):
     return eps
 
 
-def _run_both(d, f, shape, device, steps, step_kwargs=None, variance_type="fixed_small", dtype=torch.float32,
-              sample_scale=1.0):
+def _run_both(
+    d, f, shape, device, steps, step_kwargs=None, variance_type="fixed_small", dtype=torch.float32, sample_scale=1.0
+):
     """Run both schedulers over their timesteps on fresh random inputs; yield (t, fast, diffusers, truth_fn)
     where truth_fn() gives diffusers' own step in float64 on the same inputs and noise."""
     step_kwargs = step_kwargs or {}
@@ -65,16 +66,27 @@ def _reference_f64(f, t, m, x, noise, step_kwargs):
     """The reference step with every scalar and tensor in float64 (only the float32 schedule itself is
     kept): the ground truth both fp32 implementations approximate."""
     cfg = f.config
-    common = dict(alphas_cumprod=f.alphas_cumprod.double(), prev_t=int(f.previous_timestep(t)),
-                  prediction_type=cfg.prediction_type, clip_sample=cfg.clip_sample,
-                  clip_sample_range=cfg.clip_sample_range, thresholding=cfg.thresholding,
-                  dynamic_thresholding_ratio=cfg.dynamic_thresholding_ratio, sample_max_value=cfg.sample_max_value,
-                  noise=noise.double())
+    common = dict(
+        alphas_cumprod=f.alphas_cumprod.double(),
+        prev_t=int(f.previous_timestep(t)),
+        prediction_type=cfg.prediction_type,
+        clip_sample=cfg.clip_sample,
+        clip_sample_range=cfg.clip_sample_range,
+        thresholding=cfg.thresholding,
+        dynamic_thresholding_ratio=cfg.dynamic_thresholding_ratio,
+        sample_max_value=cfg.sample_max_value,
+        noise=noise.double(),
+    )
     if isinstance(f, fastdiff.DDIMScheduler):
         prev, x0 = fastdiff.reference.ddim_step(
-            m.double(), t, x.double(), final_alpha_cumprod=f.final_alpha_cumprod.double(),
-            eta=step_kwargs.get("eta", 0.0), use_clipped_model_output=step_kwargs.get("use_clipped_model_output", False),
-            **common)
+            m.double(),
+            t,
+            x.double(),
+            final_alpha_cumprod=f.final_alpha_cumprod.double(),
+            eta=step_kwargs.get("eta", 0.0),
+            use_clipped_model_output=step_kwargs.get("use_clipped_model_output", False),
+            **common,
+        )
     else:
         prev, x0 = fastdiff.reference.ddpm_step(m.double(), t, x.double(), variance_type=cfg.variance_type, **common)
     return fastdiff.SchedulerOutput(prev, x0)
@@ -82,14 +94,20 @@ def _reference_f64(f, t, m, x, noise, step_kwargs):
 
 def _check(out_f, out_d, truth, what):
     assert_fp32(out_f.prev_sample, out_d.prev_sample, lambda: truth().prev_sample, RTOL32, f"prev_sample {what}")
-    assert_fp32(out_f.pred_original_sample, out_d.pred_original_sample, lambda: truth().pred_original_sample,
-                RTOL32, f"pred_original_sample {what}")
+    assert_fp32(
+        out_f.pred_original_sample,
+        out_d.pred_original_sample,
+        lambda: truth().pred_original_sample,
+        RTOL32,
+        f"pred_original_sample {what}",
+    )
 
 
 @pytest.mark.parametrize("device,backend", BACKEND_CASES)
 @pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
-@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log",
-                                           "learned", "learned_range"])
+@pytest.mark.parametrize(
+    "variance_type", ["fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range"]
+)
 @pytest.mark.parametrize("clip_mode", list(CLIP_MODES))
 def test_ddpm_matches_diffusers(device, backend, prediction_type, variance_type, clip_mode):
     config = dict(prediction_type=prediction_type, variance_type=variance_type, **CLIP_MODES[clip_mode])
@@ -121,8 +139,7 @@ def test_diffusers_fixed_large_log_is_nan():
 @pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
 @pytest.mark.parametrize("clip_mode", list(CLIP_MODES))
 @pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
-@pytest.mark.parametrize("use_clipped,set_alpha_to_one", [(False, True), (True, True), (False, False),
-                                                          (True, False)])
+@pytest.mark.parametrize("use_clipped,set_alpha_to_one", [(False, True), (True, True), (False, False), (True, False)])
 def test_ddim_matches_diffusers(device, backend, prediction_type, clip_mode, eta, use_clipped, set_alpha_to_one):
     config = dict(prediction_type=prediction_type, set_alpha_to_one=set_alpha_to_one, **CLIP_MODES[clip_mode])
     d, f = _pair("DDIMScheduler", config, backend)
@@ -132,12 +149,14 @@ def test_ddim_matches_diffusers(device, backend, prediction_type, clip_mode, eta
         _check(out_f, out_d, truth, f"t={t}")
 
 
-SCHEDULE_KNOBS = list(itertools.product(
-    ["linear", "scaled_linear", "squaredcos_cap_v2", "trained"],
-    ["leading", "trailing", "linspace"],
-    [0, 1],
-    [False, True],
-))
+SCHEDULE_KNOBS = list(
+    itertools.product(
+        ["linear", "scaled_linear", "squaredcos_cap_v2", "trained"],
+        ["leading", "trailing", "linspace"],
+        [0, 1],
+        [False, True],
+    )
+)
 
 
 def _schedule_config(beta_schedule, spacing, offset, rescale):
@@ -201,9 +220,16 @@ def test_ddim_custom_timesteps_follow_the_list(device, backend):
         prev_t = custom[i + 1] if i + 1 < len(custom) else -1
         assert int(f.previous_timestep(t)) == prev_t
         out = f.step(m, t, x, eta=0.3, variance_noise=torch.ones_like(x) * 0.5)
-        exp = fastdiff.reference.ddim_step(m, custom[i], x, alphas_cumprod=f.alphas_cumprod,
-                                           final_alpha_cumprod=f.final_alpha_cumprod, prev_t=prev_t, eta=0.3,
-                                           noise=torch.ones_like(x) * 0.5)
+        exp = fastdiff.reference.ddim_step(
+            m,
+            custom[i],
+            x,
+            alphas_cumprod=f.alphas_cumprod,
+            final_alpha_cumprod=f.final_alpha_cumprod,
+            prev_t=prev_t,
+            eta=0.3,
+            noise=torch.ones_like(x) * 0.5,
+        )
         assert_rel(out.prev_sample, exp[0], RTOL32, f"t={custom[i]}")
 
 
@@ -252,8 +278,7 @@ def test_low_precision_within_twice_plain_pytorch_error(device, backend, dtype, 
         fast = run(f, x, m, noise)
         assert fast.prev_sample.dtype == dtype
         assert_lowp(fast.prev_sample, plain.prev_sample, ref.prev_sample, f"{name} prev_sample t={t}")
-        assert_lowp(fast.pred_original_sample, plain.pred_original_sample, ref.pred_original_sample,
-                    f"{name} x0 t={t}")
+        assert_lowp(fast.pred_original_sample, plain.pred_original_sample, ref.pred_original_sample, f"{name} x0 t={t}")
 
 
 # ------------------------------------------------------------------ layouts and guidance
@@ -311,8 +336,15 @@ def test_guidance_fused_matches_diffusers_combine(device, backend, name, guidanc
         if guidance_rescale:
             guided = rescale_noise_cfg(guided, cond, guidance_rescale=guidance_rescale)
         out_d = d.step(guided, t, x, generator=torch.Generator(device).manual_seed(2), **kwargs)
-        out_f = f.step(doubled, t, x, generator=torch.Generator(device).manual_seed(2), guidance_scale=6.5,
-                       guidance_rescale=guidance_rescale, **kwargs)
+        out_f = f.step(
+            doubled,
+            t,
+            x,
+            generator=torch.Generator(device).manual_seed(2),
+            guidance_scale=6.5,
+            guidance_rescale=guidance_rescale,
+            **kwargs,
+        )
         assert_rel(out_f.prev_sample, out_d.prev_sample, RTOL32, f"guided prev t={int(t)}")
 
 

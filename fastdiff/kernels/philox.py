@@ -3,13 +3,13 @@
 import triton
 import triton.language as tl
 
-_M0: tl.constexpr = 0xD2511F53
-_M1: tl.constexpr = 0xCD9E8D57
-_W0: tl.constexpr = 0x9E3779B9
-_W1: tl.constexpr = 0xBB67AE85
-_INV_2_24: tl.constexpr = 5.9604644775390625e-08  # 2^-24: 24-bit uniforms are exact in float32
-_TWO_PI: tl.constexpr = 6.283185307179586
-_PI: tl.constexpr = 3.141592653589793
+_M0 = tl.constexpr(0xD2511F53)
+_M1 = tl.constexpr(0xCD9E8D57)
+_W0 = tl.constexpr(0x9E3779B9)
+_W1 = tl.constexpr(0xBB67AE85)
+_INV_2_24 = tl.constexpr(5.9604644775390625e-08)  # 2^-24: 24-bit uniforms are exact in float32
+_TWO_PI = tl.constexpr(6.283185307179586)
+_PI = tl.constexpr(3.141592653589793)
 
 
 @triton.jit
@@ -22,10 +22,13 @@ def _box_muller(a, b):
 
 
 @triton.jit
-def philox_normal_tile(seed, offset, group, lane, STREAM: tl.constexpr):
-    """Normals for a tile of elements: ``group`` (R, 1) uint32 counters, ``lane`` (1, 4) element-in-group.
+def philox_normal(seed, offset, group, STREAM: tl.constexpr, BLOCK: tl.constexpr):
+    """Normals for BLOCK consecutive elements whose Philox counters are the 1-d uint32 ``group``
+    (BLOCK // 4 of them): element 4g + k takes normal k of counter g.
 
-    seed: int64 scalar (this sample's seed); offset: int64 scalar (step offset). Returns (R, 4) float32.
+    seed: int64 scalar (this sample's seed); offset: int64 scalar (step offset). Returns (BLOCK,) float32.
+    The Philox rounds run on the 1-d counters, once per four elements; only the final interleave
+    touches the (BLOCK,) layout.
     """
     k0 = seed.to(tl.uint32)
     k1 = (seed >> 32).to(tl.uint32)
@@ -46,4 +49,5 @@ def philox_normal_tile(seed, offset, group, lane, STREAM: tl.constexpr):
         k1 = k1 + _W1
     n0, n1 = _box_muller(c0, c1)
     n2, n3 = _box_muller(c2, c3)
-    return tl.where(lane == 0, n0, tl.where(lane == 1, n1, tl.where(lane == 2, n2, n3)))
+    # join(join(n0, n2), join(n1, n3))[g, i, k] is n(2i + k): flattening row-major gives n0 n1 n2 n3
+    return tl.reshape(tl.join(tl.join(n0, n2), tl.join(n1, n3)), [BLOCK])

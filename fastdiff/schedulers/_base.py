@@ -79,6 +79,7 @@ class SchedulerBase:
         self.last_backend: Optional[str] = None
         self._tables: dict = {}
         self._device_cache: dict = {}
+        self._resolved: dict = {}
 
     @classmethod
     def _init_params(cls) -> list:
@@ -191,6 +192,9 @@ class SchedulerBase:
             )
         return i
 
+    def _reset_loop_state(self) -> None:
+        """Forget per-loop Python state (multistep history) without touching the device tables."""
+
     # ------------------------------------------------------------------ device-side tables
 
     def _device_table(self, key, device) -> torch.Tensor:
@@ -225,8 +229,10 @@ class SchedulerBase:
         """A float32 device scalar holding ``value`` (cached: no host-to-device copy per step)."""
         if isinstance(value, torch.Tensor):
             return value.to(device=device, dtype=torch.float32).reshape(1)
-        return self._cached(("scalar", float(value), torch.device(device)),
-                            lambda: torch.tensor([float(value)], dtype=torch.float32, device=device))
+        return self._cached(
+            ("scalar", float(value), torch.device(device)),
+            lambda: torch.tensor([float(value)], dtype=torch.float32, device=device),
+        )
 
     def _seed_tensor(self, seed, batch, device) -> torch.Tensor:
         if isinstance(seed, torch.Tensor):
@@ -237,8 +243,9 @@ class SchedulerBase:
     def _offset_tensor(self, i: int, device) -> torch.Tensor:
         """Device int64 (1,) holding ``i``: a view into a cached arange, so no copy per step."""
         n = max(len(self.timesteps), i + 1)
-        offs = self._cached(("offsets", n, torch.device(device)),
-                            lambda: torch.arange(n, dtype=torch.int64, device=device))
+        offs = self._cached(
+            ("offsets", n, torch.device(device)), lambda: torch.arange(n, dtype=torch.int64, device=device)
+        )
         return offs[i : i + 1]
 
     # ------------------------------------------------------------------ validation
@@ -254,7 +261,8 @@ class SchedulerBase:
             raise ValueError(f"`sample` must have a batch dimension, got shape {tuple(sample.shape)}")
         if model_output.device != sample.device:
             raise ValueError(
-                f"`model_output` is on {model_output.device} but `sample` is on {sample.device}; expected the same device"
+                f"`model_output` is on {model_output.device} but `sample` is on {sample.device}; "
+                "expected the same device"
             )
         if tuple(model_output.shape) not in expected_mo_shape:
             shapes = " or ".join(str(s) for s in expected_mo_shape)
@@ -266,7 +274,11 @@ class SchedulerBase:
     # ------------------------------------------------------------------ the fused call
 
     def _resolve_backend(self, device) -> str:
-        backend = _backend.resolve(self.backend, device)
+        # resolved once per (request, FASTDIFF_BACKEND, device): resolving checks imports and the environment
+        key = (self.backend, os.environ.get("FASTDIFF_BACKEND"), device)
+        backend = self._resolved.get(key)
+        if backend is None:
+            backend = self._resolved[key] = _backend.resolve(self.backend, device)
         self.last_backend = backend
         return backend
 
@@ -274,9 +286,7 @@ class SchedulerBase:
         """Returns (noise tensor or None, seed tensor or None, offset tensor or None)."""
         if variance_noise is not None:
             if tuple(variance_noise.shape) != tuple(shape):
-                raise ValueError(
-                    f"`variance_noise` has shape {tuple(variance_noise.shape)}; expected {tuple(shape)}"
-                )
+                raise ValueError(f"`variance_noise` has shape {tuple(variance_noise.shape)}; expected {tuple(shape)}")
             return variance_noise.to(device), None, None
         if noise_seed is not None:
             if generator is not None:
@@ -285,24 +295,51 @@ class SchedulerBase:
         return randn_tensor(shape, generator=generator, device=device, dtype=dtype), None, None
 
     def _fused(
-        self, backend, coef, model_output, sample, *, out_dtype, noise=None, seed=None, offset=None,
-        guidance=None, mscale=None, var=None, var_mode=coefs.VAR_FIXED, hist=(), clip_range=0.0,
-        thresholding=False, write_x0=True, x0_dtype=None, x0_out=None,
+        self,
+        backend,
+        coef,
+        model_output,
+        sample,
+        *,
+        out_dtype,
+        noise=None,
+        seed=None,
+        offset=None,
+        guidance=None,
+        mscale=None,
+        var=None,
+        var_mode=coefs.VAR_FIXED,
+        hist=(),
+        clip_range=0.0,
+        thresholding=False,
+        write_x0=True,
+        x0_dtype=None,
+        x0_out=None,
     ):
         """One fused step with this scheduler's clipping/thresholding. Dynamic thresholding needs the
         per-sample quantile of |x0| first: a pass that writes only x0, then torch.quantile."""
         thresh = None
         common = dict(backend=backend, noise=noise, seed=seed, offset=offset, guidance=guidance, mscale=mscale)
         if thresholding:
-            _, raw = ops.fused_step(sample, model_output, coef, out_dtype=torch.float32, write_prev=False,
-                                    **common)
+            _, raw = ops.fused_step(sample, model_output, coef, out_dtype=torch.float32, write_prev=False, **common)
             ratio, max_value = self.config.dynamic_thresholding_ratio, self.config.sample_max_value
             thresh = torch.quantile(raw.reshape(raw.shape[0], -1).abs(), ratio, dim=1)
             thresh = thresh.clamp(min=1, max=max_value).contiguous()
             clip_range = 0.0
         return ops.fused_step(
-            sample, model_output, coef, out_dtype=out_dtype, write_x0=write_x0, x0_dtype=x0_dtype,
-            thresh=thresh, var=var, var_mode=var_mode, hist=hist, clip_range=clip_range, x0_out=x0_out, **common,
+            sample,
+            model_output,
+            coef,
+            out_dtype=out_dtype,
+            write_x0=write_x0,
+            x0_dtype=x0_dtype,
+            thresh=thresh,
+            var=var,
+            var_mode=var_mode,
+            hist=hist,
+            clip_range=clip_range,
+            x0_out=x0_out,
+            **common,
         )
 
 
@@ -326,4 +363,3 @@ def rescale_factor(model_output: torch.Tensor, guidance_scale, guidance_rescale:
     dims = list(range(1, cond.ndim))
     ratio = cond.std(dim=dims) / guided.std(dim=dims)
     return (guidance_rescale * ratio + (1 - guidance_rescale)).contiguous()
-

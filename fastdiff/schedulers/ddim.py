@@ -9,8 +9,14 @@ import numpy as np
 import torch
 
 from .. import coefs, reference
-from ..schedules import TIMESTEP_SPACINGS, alphas_cumprod_from_betas, check_choice, check_custom_timesteps
-from ..schedules import make_betas, spaced_timesteps
+from ..schedules import (
+    TIMESTEP_SPACINGS,
+    alphas_cumprod_from_betas,
+    check_choice,
+    check_custom_timesteps,
+    make_betas,
+    spaced_timesteps,
+)
 from ._base import SchedulerBase, SchedulerOutput, guidance_batch, rescale_factor
 from .ddpm import PREDICTION_TYPES, _as_timestep_tensor, add_noise_train_timesteps, x0_coefficients
 
@@ -25,8 +31,13 @@ class DDIMScheduler(SchedulerBase):
     arguments plus ``guidance_scale``, ``guidance_rescale`` and ``noise_seed`` (see ``DDPMScheduler``).
     """
 
-    _compatibles = ["DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler",
-                    "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler"]
+    _compatibles = [
+        "DDIMScheduler",
+        "DDPMScheduler",
+        "EulerDiscreteScheduler",
+        "EulerAncestralDiscreteScheduler",
+        "DPMSolverMultistepScheduler",
+    ]
     order = 1
 
     def __init__(
@@ -52,8 +63,9 @@ class DDIMScheduler(SchedulerBase):
         self._register_config(locals(), backend)
         check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
         check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
-        self.betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
-                                rescale_betas_zero_snr)
+        self.betas = make_betas(
+            num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr
+        )
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = alphas_cumprod_from_betas(self.betas)
         self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
@@ -161,8 +173,9 @@ class DDIMScheduler(SchedulerBase):
         if eta > 0:
             if variance_noise is not None and generator is not None:
                 raise ValueError("pass either `generator` or `variance_noise`, not both")
-            noise, seed, offset = self._draw_noise(sample.shape, generator, device, model_output.dtype, noise_seed,
-                                                   variance_noise, batch, i)
+            noise, seed, offset = self._draw_noise(
+                sample.shape, generator, device, model_output.dtype, noise_seed, variance_noise, batch, i
+            )
 
         if backend == "reference":
             if seed is not None:
@@ -178,21 +191,41 @@ class DDIMScheduler(SchedulerBase):
                 mo = guided
             cfg = self.config
             prev, x0 = reference.ddim_step(
-                mo, int(self._timestep_values[i]), sample, alphas_cumprod=self.alphas_cumprod,
-                final_alpha_cumprod=self.final_alpha_cumprod, prev_t=int(self._prev[i]), eta=eta,
-                use_clipped_model_output=use_clipped_model_output, prediction_type=cfg.prediction_type,
-                clip_sample=cfg.clip_sample, clip_sample_range=cfg.clip_sample_range, thresholding=cfg.thresholding,
-                dynamic_thresholding_ratio=cfg.dynamic_thresholding_ratio, sample_max_value=cfg.sample_max_value,
+                mo,
+                int(self._timestep_values[i]),
+                sample,
+                alphas_cumprod=self.alphas_cumprod,
+                final_alpha_cumprod=self.final_alpha_cumprod,
+                prev_t=int(self._prev[i]),
+                eta=eta,
+                use_clipped_model_output=use_clipped_model_output,
+                prediction_type=cfg.prediction_type,
+                clip_sample=cfg.clip_sample,
+                clip_sample_range=cfg.clip_sample_range,
+                thresholding=cfg.thresholding,
+                dynamic_thresholding_ratio=cfg.dynamic_thresholding_ratio,
+                sample_max_value=cfg.sample_max_value,
                 noise=noise,
             )
         else:
             table = self._device_table((float(eta), bool(use_clipped_model_output)), device)
             guidance = self._scalar(guidance_scale, device) if guidance_scale is not None else None
-            mscale = (rescale_factor(model_output, guidance_scale, guidance_rescale)
-                      if guidance_scale is not None and guidance_rescale > 0 else None)
+            mscale = (
+                rescale_factor(model_output, guidance_scale, guidance_rescale)
+                if guidance_scale is not None and guidance_rescale > 0
+                else None
+            )
             prev, x0 = self._fused(
-                backend, table[i], model_output, sample, out_dtype=out_dtype, noise=noise, seed=seed,
-                offset=offset, guidance=guidance, mscale=mscale,
+                backend,
+                table[i],
+                model_output,
+                sample,
+                out_dtype=out_dtype,
+                noise=noise,
+                seed=seed,
+                offset=offset,
+                guidance=guidance,
+                mscale=mscale,
                 clip_range=self.config.clip_sample_range if self.config.clip_sample else 0.0,
                 thresholding=self.config.thresholding,
             )

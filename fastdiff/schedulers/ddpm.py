@@ -46,8 +46,13 @@ class DDPMScheduler(SchedulerBase):
     noise drawn in the kernel instead of a torch.randn tensor).
     """
 
-    _compatibles = ["DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler",
-                    "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler"]
+    _compatibles = [
+        "DDIMScheduler",
+        "DDPMScheduler",
+        "EulerDiscreteScheduler",
+        "EulerAncestralDiscreteScheduler",
+        "DPMSolverMultistepScheduler",
+    ]
     order = 1
 
     def __init__(
@@ -74,8 +79,9 @@ class DDPMScheduler(SchedulerBase):
         check_choice("variance_type", variance_type, VARIANCE_TYPES)
         check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
         check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
-        self.betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
-                                rescale_betas_zero_snr)
+        self.betas = make_betas(
+            num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr
+        )
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = alphas_cumprod_from_betas(self.betas)
         self.one = torch.tensor(1.0)
@@ -180,8 +186,10 @@ class DDPMScheduler(SchedulerBase):
             expected = [tuple(getattr(sample, "shape", ()))]
         self._check_tensors(model_output, sample, expected, guidance_scale is not None)
         if learned and guidance_scale is not None:
-            raise ValueError("`guidance_scale` cannot be combined with variance_type "
-                             f"{self.variance_type!r}: guide the model output before the step")
+            raise ValueError(
+                "`guidance_scale` cannot be combined with variance_type "
+                f"{self.variance_type!r}: guide the model output before the step"
+            )
         i = self.index_for_timestep(timestep)
         t = int(self._timestep_values[i])
         device = sample.device
@@ -192,8 +200,9 @@ class DDPMScheduler(SchedulerBase):
 
         noise = seed = offset = None
         if t > 0:
-            noise, seed, offset = self._draw_noise(sample.shape, generator, device, eps_part.dtype, noise_seed,
-                                                   None, batch, i)
+            noise, seed, offset = self._draw_noise(
+                sample.shape, generator, device, eps_part.dtype, noise_seed, None, batch, i
+            )
 
         if backend == "reference":
             if seed is not None:
@@ -209,22 +218,43 @@ class DDPMScheduler(SchedulerBase):
                 mo = guided
             cfg = self.config
             prev, x0 = reference.ddpm_step(
-                mo, t, sample, alphas_cumprod=self.alphas_cumprod, prev_t=int(self._prev[i]),
-                prediction_type=cfg.prediction_type, variance_type=cfg.variance_type, clip_sample=cfg.clip_sample,
-                clip_sample_range=cfg.clip_sample_range, thresholding=cfg.thresholding,
-                dynamic_thresholding_ratio=cfg.dynamic_thresholding_ratio, sample_max_value=cfg.sample_max_value,
+                mo,
+                t,
+                sample,
+                alphas_cumprod=self.alphas_cumprod,
+                prev_t=int(self._prev[i]),
+                prediction_type=cfg.prediction_type,
+                variance_type=cfg.variance_type,
+                clip_sample=cfg.clip_sample,
+                clip_sample_range=cfg.clip_sample_range,
+                thresholding=cfg.thresholding,
+                dynamic_thresholding_ratio=cfg.dynamic_thresholding_ratio,
+                sample_max_value=cfg.sample_max_value,
                 noise=noise,
             )
         else:
             table = self._device_table((), device)
             var_mode = {"learned": coefs.VAR_LEARNED, "learned_range": coefs.VAR_LEARNED_RANGE}.get(
-                self.variance_type, coefs.VAR_FIXED)
+                self.variance_type, coefs.VAR_FIXED
+            )
             guidance = self._scalar(guidance_scale, device) if guidance_scale is not None else None
-            mscale = (rescale_factor(model_output, guidance_scale, guidance_rescale)
-                      if guidance_scale is not None and guidance_rescale > 0 else None)
+            mscale = (
+                rescale_factor(model_output, guidance_scale, guidance_rescale)
+                if guidance_scale is not None and guidance_rescale > 0
+                else None
+            )
             prev, x0 = self._fused(
-                backend, table[i], eps_part, sample, out_dtype=out_dtype, noise=noise, seed=seed, offset=offset,
-                guidance=guidance, mscale=mscale, var=model_output[:, channels:] if learned else None,
+                backend,
+                table[i],
+                eps_part,
+                sample,
+                out_dtype=out_dtype,
+                noise=noise,
+                seed=seed,
+                offset=offset,
+                guidance=guidance,
+                mscale=mscale,
+                var=model_output[:, channels:] if learned else None,
                 var_mode=var_mode if learned else coefs.VAR_FIXED,
                 clip_range=self.config.clip_sample_range if self.config.clip_sample else 0.0,
                 thresholding=self.config.thresholding,
@@ -242,8 +272,9 @@ class DDPMScheduler(SchedulerBase):
 
         return self._cached(("add_noise", torch.device(device)), make)
 
-    def add_noise(self, original_samples: torch.Tensor, noise: Optional[torch.Tensor], timesteps,
-                  *, noise_seed=None) -> torch.Tensor:
+    def add_noise(
+        self, original_samples: torch.Tensor, noise: Optional[torch.Tensor], timesteps, *, noise_seed=None
+    ) -> torch.Tensor:
         """q(x_t | x_0) = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise, one launch. ``timesteps``: integer
         tensor with 1 or B entries. ``noise`` may be None when ``noise_seed`` asks for Philox noise."""
         return add_noise_train_timesteps(self, original_samples, noise, timesteps, noise_seed)
@@ -264,9 +295,7 @@ def _as_timestep_tensor(timesteps, sample: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"`timesteps` must be an integer tensor, got dtype {timesteps.dtype}")
     timesteps = timesteps.reshape(-1)
     if timesteps.numel() not in (1, sample.shape[0]):
-        raise ValueError(
-            f"`timesteps` must have 1 or batch={sample.shape[0]} entries, got {timesteps.numel()}"
-        )
+        raise ValueError(f"`timesteps` must have 1 or batch={sample.shape[0]} entries, got {timesteps.numel()}")
     return timesteps
 
 
@@ -299,5 +328,12 @@ def add_noise_train_timesteps(sched, original_samples, noise, timesteps, noise_s
 
     seed = sched._seed_tensor(noise_seed, x.shape[0], x.device) if noise is None else None
     offset = sched._offset_tensor(0, x.device) if noise is None else None
-    return ops.add_noise(x, sched._add_noise_table(x.device), timesteps.to(x.device), backend=backend,
-                         noise=noise, seed=seed, offset=offset)
+    return ops.add_noise(
+        x,
+        sched._add_noise_table(x.device),
+        timesteps.to(x.device),
+        backend=backend,
+        noise=noise,
+        seed=seed,
+        offset=offset,
+    )

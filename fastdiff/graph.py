@@ -1,0 +1,297 @@
+"""``GraphSampler``: the whole sampling loop (model call, guidance combine, step, for every step)
+captured once as one CUDA graph and replayed per call.
+
+Discipline (after gpt-fast): static input and output buffers allocated once; new seeds, latents,
+conditioning and guidance scale are copied into them in place; warm-up on a side stream; a private
+memory pool per sampler; capture time and graph memory reported apart from replay time. Before
+capture, one warm-up pass runs with ``torch.cuda.set_sync_debug_mode("error")`` so a model that
+synchronizes with the host (``.item()``, ``.cpu()``, a branch on a device value) is caught with a clear
+error instead of a failed capture.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from .noise import as_seed_tensor
+from .sampling import as_fastdiff_scheduler, call_model, denoise, doubled_kwargs, initial_noise, model_device
+
+logger = logging.getLogger("fastdiff")
+
+
+class GraphCaptureError(RuntimeError):
+    """The model (or its inputs) cannot be captured into a CUDA graph; the message says why."""
+
+
+@dataclass
+class _Entry:
+    graph: torch.cuda.CUDAGraph
+    latents: torch.Tensor  # starting noise (used when the caller brings latents)
+    seeds: torch.Tensor  # (B,) int64 per-sample seeds
+    use_latents: torch.Tensor  # () bool-as-float: 1 -> take `latents`, 0 -> draw from `seeds`
+    guidance: Optional[torch.Tensor]  # (1,) float32
+    kwargs: dict  # static conditioning tensors (the doubled batch under guidance)
+    scheduler: object  # this graph's own copy: its device tables must outlive the capture, unchanged
+    out: torch.Tensor
+    capture_seconds: float
+    graph_bytes: int
+    replays: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class GraphSampler:
+    """Sample with the whole loop as one CUDA graph.
+
+    ``GraphSampler(model, scheduler, shape, dtype=torch.float16, num_inference_steps=50,
+    guidance_scale=None)``, then ``sampler(seed=0)`` / ``sampler(latents=x)`` /
+    ``sampler(model_kwargs=..., uncond_kwargs=..., guidance_scale=7.5)`` returns the final sample.
+
+    The first call for a (shape, dtype, steps, guided?, conditioning shapes) key captures a graph
+    (``capture_seconds`` and ``graph_bytes`` in ``stats``); later calls copy the new inputs into the
+    static buffers and replay. The guidance scale lives in a device scalar, so changing it does not
+    recapture. Noise is Philox, drawn in the kernels from per-sample seeds, so each replay with a new
+    seed draws fresh noise. ``fallback="eager"`` runs the eager loop with a warning when the model
+    cannot be captured; the default ``"error"`` raises :class:`GraphCaptureError`.
+    ``release()`` frees the graphs, their memory pool and the static buffers.
+    """
+
+    def __init__(
+        self,
+        model,
+        scheduler,
+        shape,
+        dtype: torch.dtype = torch.float16,
+        num_inference_steps: int = 50,
+        guidance_scale=None,
+        guidance_rescale: float = 0.0,
+        step_kwargs: Optional[dict] = None,
+        fallback: str = "error",
+        device=None,
+        max_graphs: int = 4,
+        warmup: int = 1,
+        backend: Optional[str] = None,
+    ):
+        if fallback not in ("error", "eager"):
+            raise ValueError(f"`fallback` must be 'error' or 'eager', got {fallback!r}")
+        if not callable(model):
+            raise TypeError(f"`model` must be callable as model(x, t, **kwargs), got {type(model).__name__}")
+        self.model = model
+        self.scheduler = as_fastdiff_scheduler(scheduler, backend)
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = dtype
+        self.num_inference_steps = num_inference_steps
+        self.guidance_scale = guidance_scale
+        self.guidance_rescale = guidance_rescale
+        self.step_kwargs = dict(step_kwargs or {})
+        self.fallback = fallback
+        self.max_graphs = max_graphs
+        self.warmup = warmup
+        self.device = torch.device(device) if device is not None else model_device(model, "cuda")
+        self._graphs: dict = {}
+        self._pool = None
+        self._eager_reason: Optional[str] = None
+        self.stats: dict = {}
+
+    # ------------------------------------------------------------------ public
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        seed=None,
+        *,
+        latents=None,
+        model_kwargs=None,
+        uncond_kwargs=None,
+        guidance_scale=None,
+        shape=None,
+        dtype=None,
+        num_inference_steps=None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """Run the loop for new seeds or latents (and new conditioning / guidance scale): replays the graph
+        captured for this key, capturing it first if needed. Returns a new tensor (B, C, ...)."""
+        shape = tuple(latents.shape) if latents is not None else tuple(shape or self.shape)
+        dtype = dtype or (latents.dtype if latents is not None else self.dtype)
+        steps = num_inference_steps or self.num_inference_steps
+        g = self.guidance_scale if guidance_scale is None else guidance_scale
+        if seed is None and latents is None:
+            raise ValueError("pass `seed` (Philox noise) or `latents` (the starting noise)")
+        if g is not None and (model_kwargs is None or uncond_kwargs is None):
+            raise ValueError("guidance needs `model_kwargs` and `uncond_kwargs`")
+        if g is None and uncond_kwargs is not None:
+            raise ValueError("`uncond_kwargs` is only used with a guidance scale")
+        if self.device.type != "cuda":
+            raise ValueError(f"GraphSampler needs a CUDA model, the model is on {self.device}")
+        call_kwargs = (
+            doubled_kwargs(dict(uncond_kwargs), dict(model_kwargs), shape[0])
+            if g is not None
+            else dict(model_kwargs or {})
+        )
+        for k, v in call_kwargs.items():
+            if isinstance(v, torch.Tensor) and v.device != self.device:
+                call_kwargs[k] = v.to(self.device)
+        seeds = as_seed_tensor(seed if seed is not None else 0, shape[0], self.device)
+        if latents is not None:
+            latents = latents.to(device=self.device, dtype=dtype)
+        if self._eager_reason is not None:
+            return self._eager(shape, dtype, steps, g, call_kwargs, seeds, latents)
+        key = (
+            shape,
+            dtype,
+            steps,
+            g is not None,
+            tuple(
+                (k, tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else (k, repr(v))
+                for k, v in sorted(call_kwargs.items())
+            ),
+        )
+        entry = self._graphs.get(key)
+        if entry is None:
+            try:
+                entry = self._capture(key, shape, dtype, steps, g, call_kwargs)
+            except GraphCaptureError as exc:
+                if self.fallback == "error":
+                    raise
+                warnings.warn(f"fastdiff: running the eager loop instead of a CUDA graph: {exc}", stacklevel=2)
+                self._eager_reason = str(exc)
+                return self._eager(shape, dtype, steps, g, call_kwargs, seeds, latents)
+        self._load(entry, seeds, latents, g, call_kwargs)
+        entry.graph.replay()
+        entry.replays += 1
+        return entry.out.clone()
+
+    def release(self) -> None:
+        """Free every captured graph, the private memory pool and the static buffers."""
+        self._graphs.clear()
+        self._pool = None
+        self.stats = {}
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+
+    @property
+    def num_graphs(self) -> int:
+        return len(self._graphs)
+
+    # ------------------------------------------------------------------ internals
+
+    def _run(self, sched, latents_static, use_latents, seeds, guidance, kwargs, shape, dtype):
+        """The captured program: starting noise, then every step. Reads only static buffers and the
+        scheduler's device tables (built before capture)."""
+        sched._reset_loop_state()
+        backend = sched._resolve_backend(self.device)
+        drawn = initial_noise(shape, dtype, self.device, seeds=seeds, backend=backend)
+        x = torch.where(use_latents > 0, latents_static, drawn) * sched.init_noise_sigma
+        return denoise(
+            self.model,
+            sched,
+            x,
+            guidance_scale=guidance,
+            guidance_rescale=self.guidance_rescale,
+            cond_kwargs=kwargs,
+            noise_seed=seeds,
+            step_kwargs=self.step_kwargs,
+        )
+
+    def _capture(self, key, shape, dtype, steps, g, call_kwargs) -> _Entry:
+        dev = self.device
+        if len(self._graphs) >= self.max_graphs:
+            self._graphs.pop(next(iter(self._graphs)))
+        torch.cuda.synchronize(dev)
+        mem0 = torch.cuda.memory_allocated(dev)
+        t0 = time.perf_counter()
+        latents = torch.randn(shape, device=dev, dtype=dtype)
+        seeds = torch.zeros(shape[0], dtype=torch.int64, device=dev)
+        use_latents = torch.zeros((), device=dev)
+        guidance = torch.tensor([float(g)], device=dev) if g is not None else None
+        kwargs = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in call_kwargs.items()}
+        sched = copy.deepcopy(self.scheduler)
+        sched.set_timesteps(steps, device=dev)
+        args = (sched, latents, use_latents, seeds, guidance, kwargs, shape, dtype)
+
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            self._run(*args)  # first pass: compiles kernels, fills the schedulers' device caches
+            mode = torch.cuda.get_sync_debug_mode()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                for _ in range(max(self.warmup, 1)):
+                    self._run(*args)
+            except RuntimeError as exc:
+                if "synchroniz" in str(exc):
+                    raise GraphCaptureError(
+                        "the model synchronizes with the host during a step (a .item(), .cpu(), .tolist(), "
+                        "print of a CUDA tensor, or a Python branch on a device value): a CUDA graph cannot "
+                        f"contain that. The first such call raised: {exc}"
+                    ) from exc
+                raise
+            finally:
+                torch.cuda.set_sync_debug_mode(mode)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        torch.cuda.synchronize(dev)
+
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=self._pool):
+                out = self._run(*args)
+        except RuntimeError as exc:
+            raise GraphCaptureError(f"CUDA graph capture failed: {exc}") from exc
+        torch.cuda.synchronize(dev)
+        seconds = time.perf_counter() - t0
+        graph_bytes = torch.cuda.memory_allocated(dev) - mem0
+        entry = _Entry(graph, latents, seeds, use_latents, guidance, kwargs, sched, out, seconds, graph_bytes)
+        self._graphs[key] = entry
+        self.stats = dict(capture_seconds=seconds, graph_bytes=graph_bytes, graphs=len(self._graphs))
+        logger.info(
+            "fastdiff: captured %d-step loop for %s %s in %.2f s (%.1f MB of graph memory)",
+            steps,
+            shape,
+            dtype,
+            seconds,
+            graph_bytes / 2**20,
+        )
+        return entry
+
+    def _load(self, entry: _Entry, seeds, latents, g, call_kwargs) -> None:
+        entry.seeds.copy_(seeds, non_blocking=True)
+        if latents is not None:
+            entry.latents.copy_(latents)
+            entry.use_latents.fill_(1.0)
+        else:
+            entry.use_latents.fill_(0.0)
+        if entry.guidance is not None:
+            entry.guidance.fill_(float(g))
+        for k, v in call_kwargs.items():
+            if isinstance(v, torch.Tensor):
+                entry.kwargs[k].copy_(v)
+
+    def _eager(self, shape, dtype, steps, g, call_kwargs, seeds, latents):
+        sched = self.scheduler
+        sched.set_timesteps(steps, device=self.device)
+        backend = sched._resolve_backend(self.device)
+        if latents is None:
+            latents = initial_noise(shape, dtype, self.device, seeds=seeds, backend=backend)
+        x = latents * sched.init_noise_sigma
+        return denoise(
+            self.model,
+            sched,
+            x,
+            guidance_scale=g,
+            guidance_rescale=self.guidance_rescale,
+            cond_kwargs=call_kwargs,
+            noise_seed=seeds,
+            step_kwargs=self.step_kwargs,
+        )
+
+
+__all__ = ["GraphSampler", "GraphCaptureError", "call_model"]
