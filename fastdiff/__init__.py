@@ -8,11 +8,21 @@ __version__ = "0.1.0"
 
 from .graph import GraphCaptureError, GraphSampler  # noqa: E402
 from .sampling import sample  # noqa: E402
-from .schedulers import DDIMScheduler, DDPMScheduler, SchedulerOutput  # noqa: E402
+from .schedulers import (  # noqa: E402
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    SchedulerOutput,
+)
 
 __all__ = [
     "DDIMScheduler",
     "DDPMScheduler",
+    "DPMSolverMultistepScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "EulerDiscreteScheduler",
     "GraphCaptureError",
     "GraphSampler",
     "SchedulerOutput",

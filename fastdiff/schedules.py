@@ -152,3 +152,148 @@ def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) 
     ramp = np.linspace(0, 1, n)
     min_inv, max_inv = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     return (max_inv + ramp * (min_inv - max_inv)) ** rho
+
+
+def exponential_sigmas(sigma_min: float, sigma_max: float, n: int) -> np.ndarray:
+    return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), n))
+
+
+def beta_sigmas(sigma_min: float, sigma_max: float, n: int, alpha: float = 0.6, beta: float = 0.6) -> np.ndarray:
+    """Beta-distribution spaced sigmas (Lee et al. 2024, arXiv:2407.12173); needs scipy."""
+    try:
+        import scipy.stats
+    except ImportError:
+        raise ImportError("use_beta_sigmas=True needs scipy: pip install scipy") from None
+    ppfs = [scipy.stats.beta.ppf(t, alpha, beta) for t in 1 - np.linspace(0, 1, n)]
+    return np.array([sigma_min + ppf * (sigma_max - sigma_min) for ppf in ppfs])
+
+
+def check_sigma_spacing_flags(karras: bool, exponential: bool, beta: bool) -> None:
+    if sum(bool(f) for f in (karras, exponential, beta)) > 1:
+        raise ValueError(
+            "only one of `use_karras_sigmas`, `use_exponential_sigmas`, `use_beta_sigmas` can be True, got "
+            f"{karras}, {exponential}, {beta}"
+        )
+
+
+def euler_schedule(
+    alphas_cumprod: torch.Tensor,
+    num_inference_steps: int,
+    *,
+    spacing: str = "linspace",
+    steps_offset: int = 0,
+    interpolation_type: str = "linear",
+    use_karras_sigmas: bool = False,
+    use_exponential_sigmas: bool = False,
+    use_beta_sigmas: bool = False,
+    sigma_min=None,
+    sigma_max=None,
+    final_sigmas_type: str = "zero",
+    timesteps=None,
+    sigmas=None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(timesteps float32 (n,), sigmas float32 (n+1,)) as diffusers' ``EulerDiscreteScheduler.set_timesteps``."""
+    T = len(alphas_cumprod)
+    full = (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).numpy()
+    log_full = np.log(full)
+    if sigmas is not None:
+        sigmas = np.array(sigmas).astype(np.float32)
+        ts = np.array([sigma_to_t(s, log_full) for s in sigmas[:-1]])
+        return ts.astype(np.float32), sigmas
+    if timesteps is not None:
+        ts = np.array(timesteps).astype(np.float32)
+        n = len(ts)
+    else:
+        n = num_inference_steps
+        check_choice("timestep_spacing", spacing, TIMESTEP_SPACINGS)
+        if spacing == "linspace":
+            ts = np.linspace(0, T - 1, n, dtype=np.float32)[::-1].copy()
+        elif spacing == "leading":
+            ts = (np.arange(0, n) * (T // n)).round()[::-1].copy().astype(np.float32) + steps_offset
+        else:
+            ts = (np.arange(T, 0, -T / n)).round().copy().astype(np.float32) - 1
+    check_choice("interpolation_type", interpolation_type, ("linear", "log_linear"))
+    if interpolation_type == "linear":
+        sig = np.interp(ts, np.arange(0, len(full)), full)
+    else:
+        sig = torch.linspace(np.log(full[-1]), np.log(full[0]), n + 1).exp().numpy()
+    lo = sigma_min if sigma_min is not None else float(sig[-1])
+    hi = sigma_max if sigma_max is not None else float(sig[0])
+    if use_karras_sigmas:
+        sig = karras_sigmas(lo, hi, n)
+        ts = np.array([sigma_to_t(s, log_full) for s in sig])
+    elif use_exponential_sigmas:
+        sig = exponential_sigmas(lo, hi, n)
+        ts = np.array([sigma_to_t(s, log_full) for s in sig])
+    elif use_beta_sigmas:
+        sig = beta_sigmas(lo, hi, n)
+        ts = np.array([sigma_to_t(s, log_full) for s in sig])
+    check_choice("final_sigmas_type", final_sigmas_type, ("zero", "sigma_min"))
+    last = float(((1 - alphas_cumprod[0]) / alphas_cumprod[0]) ** 0.5) if final_sigmas_type == "sigma_min" else 0.0
+    return ts.astype(np.float32), np.concatenate([sig, [last]]).astype(np.float32)
+
+
+def dpm_schedule(
+    alphas_cumprod: torch.Tensor,
+    num_inference_steps,
+    *,
+    spacing: str = "linspace",
+    steps_offset: int = 0,
+    lambda_min_clipped: float = -float("inf"),
+    use_karras_sigmas: bool = False,
+    use_exponential_sigmas: bool = False,
+    use_beta_sigmas: bool = False,
+    use_lu_lambdas: bool = False,
+    final_sigmas_type: str = "zero",
+    beta_schedule: str = "linear",
+    timesteps=None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(timesteps int64 (n,), sigmas float32 (n+1,)) as diffusers' ``DPMSolverMultistepScheduler.set_timesteps``."""
+    T = len(alphas_cumprod)
+    if timesteps is not None:
+        ts = np.array(timesteps).astype(np.int64)
+        n = len(ts)
+    else:
+        n = num_inference_steps
+        check_choice("timestep_spacing", spacing, TIMESTEP_SPACINGS)
+        lambda_t = torch.log(torch.sqrt(alphas_cumprod)) - torch.log(torch.sqrt(1 - alphas_cumprod))
+        clipped_idx = torch.searchsorted(torch.flip(lambda_t, [0]), lambda_min_clipped)
+        last = int((T - clipped_idx).numpy().item())
+        if spacing == "linspace":
+            ts = np.linspace(0, last - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
+        elif spacing == "leading":
+            ratio = last // (n + 1)
+            ts = (np.arange(0, n + 1) * ratio).round()[::-1][:-1].copy().astype(np.int64) + steps_offset
+        else:
+            ts = np.arange(last, 0, -T / n).round().copy().astype(np.int64) - 1
+    full = (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).numpy()
+    log_full = np.log(full)
+    if use_karras_sigmas:
+        flipped = np.flip(full).copy()
+        sig = karras_sigmas(float(flipped[-1]), float(flipped[0]), n)
+        ts = np.array([sigma_to_t(s, log_full) for s in sig])
+        if beta_schedule != "squaredcos_cap_v2":
+            ts = ts.round()
+    elif use_lu_lambdas:
+        lambdas = np.flip(log_full.copy())
+        lam_min, lam_max = float(lambdas[-1]), float(lambdas[0])
+        sig = np.exp(lam_max + np.linspace(0, 1, n) * (lam_min - lam_max))
+        ts = np.array([sigma_to_t(s, log_full) for s in sig])
+        if beta_schedule != "squaredcos_cap_v2":
+            ts = ts.round()
+    elif use_exponential_sigmas:
+        flipped = np.flip(full).copy()
+        sig = exponential_sigmas(float(flipped[-1]), float(flipped[0]), n)
+        ts = np.array([sigma_to_t(s, log_full) for s in sig])
+    elif use_beta_sigmas:
+        flipped = np.flip(full).copy()
+        sig = beta_sigmas(float(flipped[-1]), float(flipped[0]), n)
+        ts = np.array([sigma_to_t(s, log_full) for s in sig])
+    else:
+        sig = np.interp(ts, np.arange(0, len(full)), full)
+    check_choice("final_sigmas_type", final_sigmas_type, ("zero", "sigma_min"))
+    last_sigma = (
+        float(((1 - alphas_cumprod[0]) / alphas_cumprod[0]) ** 0.5) if final_sigmas_type == "sigma_min" else 0.0
+    )
+    sigmas = np.concatenate([sig, [last_sigma]]).astype(np.float32)
+    return torch.from_numpy(np.asarray(ts)).to(torch.int64).numpy(), sigmas

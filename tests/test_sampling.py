@@ -79,10 +79,11 @@ def test_sample_equals_diffusers_loop(device, backend, name, step_kwargs):
 
 
 @pytest.mark.parametrize("device,backend", BACKEND_CASES)
-def test_guided_sample_equals_diffusers_loop(device, backend):
+@pytest.mark.parametrize("name", ["DDIMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler"])
+def test_guided_sample_equals_diffusers_loop(device, backend, name):
     torch.manual_seed(0)
     model = TinyCondModel().to(device).eval()
-    d = diffusers.DDIMScheduler()
+    d = getattr(diffusers, name)()
     cond = torch.randn(2, 4, 5, device=device)
     uncond = torch.zeros(2, 4, 5, device=device)
     latents = torch.randn(2, 3, 6, 6, device=device)

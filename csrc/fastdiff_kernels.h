@@ -1,0 +1,59 @@
+// Plain-C++ interface between the torch binding (binding.cpp) and the CUDA kernels (*.cu).
+// Only CUDA's own headers on this side: the kernels compile with nvcc alone (no torch, no cuRAND),
+// so CI machines without a CUDA-enabled torch can still compile them.
+#pragma once
+#include <cstdint>
+#include <cuda_runtime.h>
+
+namespace fastdiff {
+
+enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// Coefficient-row indices: must match fastdiff/coefs.py (a unit test parses this header to check).
+enum Coef : int {
+  A_X = 0, A_M = 1, E_X = 2, E_M = 3, E_0 = 4, C_0 = 5, C_E = 6, C_X = 7, SIGMA = 8, K_PRE = 9,
+  H_1 = 10, H_2 = 11, LV_A = 12, LV_B = 13, X_S = 14, E_S = 15, NCOEF = 24
+};
+enum VarMode : int { VAR_FIXED = 0, VAR_LEARNED = 1, VAR_LEARNED_RANGE = 2 };
+enum NoiseMode : int { NOISE_NONE = 0, NOISE_TENSOR = 1, NOISE_PHILOX = 2 };
+
+struct StepParams {
+  // inputs: x, m, z, v, h1, h2 share `in_dtype`; prev and x0 share `out_dtype`
+  const void* x;
+  const void* m;         // B samples, or 2B (unconditional first) when cfg
+  const float* coef;     // one row of NCOEF floats
+  void* prev;            // may be null (write_prev false)
+  void* x0;              // may be null
+  const void* z;         // NOISE_TENSOR
+  const int64_t* seed;   // NOISE_PHILOX: (B,)
+  const int64_t* offset; // NOISE_PHILOX: (1,)
+  const float* guidance; // cfg: (1,)
+  const float* thresh;   // dynamic thresholding: (B,)
+  const float* mscale;   // per-sample model-output scale: (B,)
+  const void* v;         // learned variance
+  const void* h1;
+  const void* h2;
+  int64_t batch, numel, half_batch;
+  int64_t x_sb, m_sb, z_sb, v_sb, h1_sb, h2_sb, prev_sb, x0_sb;  // batch strides, in elements
+  float clip_range;      // > 0: clamp x0 to [-clip_range, clip_range]
+  int var_mode, noise_mode, nhist;
+  int in_dtype, out_dtype;
+};
+
+struct AddNoiseParams {
+  const void* x;
+  const void* z;          // null: Philox
+  void* out;
+  const float* table;     // (n_index, 2)
+  const int64_t* index;   // 1 or B entries
+  const int64_t* seed;    // (B,)
+  const int64_t* offset;  // (1,)
+  int64_t batch, numel, n_index, x_sb, z_sb, out_sb, idx_sb;
+  int stream_id, dtype;
+};
+
+// Both return cudaSuccess or the launch error.
+cudaError_t launch_fused_step(const StepParams& p, cudaStream_t stream);
+cudaError_t launch_add_noise(const AddNoiseParams& p, cudaStream_t stream);
+
+}  // namespace fastdiff

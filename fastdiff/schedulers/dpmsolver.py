@@ -1,0 +1,347 @@
+"""Drop-in ``DPMSolverMultistepScheduler`` for DPM-Solver++ ("DPM++ 2M", "DPM++ 2M Karras", "DPM++ 2M SDE"):
+orders 1-3, midpoint/heun, lower-order final steps; one fused launch per step.
+
+The multistep history (previous x0 predictions) lives in a static device buffer of ``solver_order``
+slots written by the kernel itself, and every per-step decision (which order, which slots) is a pure
+function of the step index and of how many steps this loop has taken, so a CUDA graph of the whole
+loop replays it exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import numpy as np
+import torch
+
+from .. import coefs, reference
+from ..noise import philox_normal
+from ..schedules import (
+    TIMESTEP_SPACINGS,
+    check_choice,
+    check_num_inference_steps,
+    check_sigma_spacing_flags,
+    dpm_schedule,
+)
+from ._base import SchedulerOutput, guidance_batch, rescale_factor
+from ._sigma import SigmaSchedulerBase
+
+ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++")
+
+
+def _alpha_sigma(s: float) -> tuple[float, float]:
+    a = 1.0 / math.sqrt(s * s + 1.0)
+    return a, s * a
+
+
+def _lam(s: float) -> float:
+    return math.inf if s == 0 else -math.log(s)  # log(alpha) - log(sigma_t) = -log(sigma)
+
+
+class DPMSolverMultistepScheduler(SigmaSchedulerBase):
+    """DPM-Solver++ multistep (Lu et al. 2022), as diffusers' ``DPMSolverMultistepScheduler`` for
+    ``algorithm_type`` "dpmsolver++" and "sde-dpmsolver++". The deprecated "dpmsolver"/"sde-dpmsolver",
+    flow-matching sigmas and dynamic shifting are not supported and raise. Extras in ``step``:
+    ``guidance_scale``, ``guidance_rescale``, ``noise_seed``."""
+
+    _compatibles = [
+        "DDIMScheduler",
+        "DDPMScheduler",
+        "EulerDiscreteScheduler",
+        "EulerAncestralDiscreteScheduler",
+        "DPMSolverMultistepScheduler",
+    ]
+
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: Optional[Union[np.ndarray, list]] = None,
+        solver_order: int = 2,
+        prediction_type: str = "epsilon",
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        sample_max_value: float = 1.0,
+        algorithm_type: str = "dpmsolver++",
+        solver_type: str = "midpoint",
+        lower_order_final: bool = True,
+        euler_at_final: bool = False,
+        use_karras_sigmas: bool = False,
+        use_exponential_sigmas: bool = False,
+        use_beta_sigmas: bool = False,
+        use_lu_lambdas: bool = False,
+        use_flow_sigmas: bool = False,
+        flow_shift: float = 1.0,
+        final_sigmas_type: str = "zero",
+        lambda_min_clipped: float = -float("inf"),
+        variance_type: Optional[str] = None,
+        timestep_spacing: str = "linspace",
+        steps_offset: int = 0,
+        rescale_betas_zero_snr: bool = False,
+        use_dynamic_shifting: bool = False,
+        time_shift_type: str = "exponential",
+        *,
+        backend: Optional[str] = None,
+    ):
+        self._register_config(locals(), backend)
+        check_choice("algorithm_type", algorithm_type, ALGORITHMS)
+        check_choice("solver_type", solver_type, ("midpoint", "heun"))
+        check_choice("solver_order", solver_order, (1, 2, 3))
+        check_choice("prediction_type", prediction_type, ("epsilon", "sample", "v_prediction"))
+        check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
+        check_choice("final_sigmas_type", final_sigmas_type, ("zero", "sigma_min"))
+        check_sigma_spacing_flags(use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas)
+        for name, value in (("use_flow_sigmas", use_flow_sigmas), ("use_dynamic_shifting", use_dynamic_shifting)):
+            if value:
+                raise ValueError(f"`{name}`=True (flow matching) is not supported by fastdiff's DPM-Solver++")
+        if variance_type is not None:
+            raise ValueError(f"`variance_type`={variance_type!r} is not supported: pass the epsilon half of the output")
+        self._init_betas(
+            num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr
+        )
+        self.init_noise_sigma = 1.0
+        self.num_inference_steps = None
+        full = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
+        ts = np.linspace(0, num_train_timesteps - 1, num_train_timesteps, dtype=np.float32)[::-1].copy()
+        self._install(ts, full.numpy().astype(np.float32), None)
+
+    def set_timesteps(self, num_inference_steps: Optional[int] = None, device=None, mu=None, timesteps=None):
+        """Timesteps and sigmas for ``num_inference_steps`` steps, or custom integer ``timesteps``."""
+        cfg = self.config
+        if mu is not None:
+            raise ValueError("`mu` (dynamic shifting) is not supported by fastdiff's DPM-Solver++")
+        if (num_inference_steps is None) == (timesteps is None):
+            raise ValueError("pass exactly one of `num_inference_steps` or `timesteps`")
+        if timesteps is not None and (
+            cfg.use_karras_sigmas or cfg.use_lu_lambdas or cfg.use_exponential_sigmas or cfg.use_beta_sigmas
+        ):
+            raise ValueError("custom `timesteps` cannot be combined with karras/lu/exponential/beta sigmas")
+        if num_inference_steps is not None:
+            check_num_inference_steps(num_inference_steps, cfg.num_train_timesteps)
+        ts, sig = dpm_schedule(
+            self.alphas_cumprod,
+            num_inference_steps,
+            spacing=cfg.timestep_spacing,
+            steps_offset=cfg.steps_offset,
+            lambda_min_clipped=cfg.lambda_min_clipped,
+            use_karras_sigmas=cfg.use_karras_sigmas,
+            use_exponential_sigmas=cfg.use_exponential_sigmas,
+            use_beta_sigmas=cfg.use_beta_sigmas,
+            use_lu_lambdas=cfg.use_lu_lambdas,
+            final_sigmas_type=cfg.final_sigmas_type,
+            beta_schedule=cfg.beta_schedule,
+            timesteps=timesteps,
+        )
+        self.num_inference_steps = len(ts)
+        self._install(ts, sig, device)
+
+    def _reset_loop_state(self) -> None:
+        self.lower_order_nums = 0
+        self.model_outputs = [None] * self.config.solver_order  # reference backend history
+        self._taken = 0  # steps taken in this loop: picks the history slots
+        super()._reset_loop_state()
+
+    def _order_at(self, i: int, lower_order_nums: int) -> int:
+        cfg = self.config
+        n = len(self._timestep_values)
+        final = i == n - 1 and (
+            cfg.euler_at_final or (cfg.lower_order_final and n < 15) or cfg.final_sigmas_type == "zero"
+        )
+        second = i == n - 2 and cfg.lower_order_final and n < 15
+        if cfg.solver_order == 1 or lower_order_nums < 1 or final:
+            return 1
+        if cfg.solver_order == 2 or lower_order_nums < 2 or second:
+            return 2
+        return 3
+
+    def _coef_table(self) -> np.ndarray:
+        """Rows [step i, order - 1]: x0 conversion at sigma_i and the update to sigma_{i+1}."""
+        cfg = self.config
+        sig = self._sigma_values.astype(np.float64)
+        n = len(self._timestep_values)
+        table = np.zeros((n, 3, coefs.NCOEF))
+        sde = cfg.algorithm_type == "sde-dpmsolver++"
+        for i in range(n):
+            a0, s0 = _alpha_sigma(float(sig[i]))
+            for order in (1, 2, 3):
+                if order > i + 1:
+                    continue
+                row = table[i, order - 1]
+                if cfg.prediction_type == "epsilon":
+                    row[coefs.X_S], row[coefs.A_X], row[coefs.A_M] = 1.0 / a0, 1.0, -s0
+                elif cfg.prediction_type == "sample":
+                    row[coefs.X_S], row[coefs.A_X], row[coefs.A_M] = 1.0, 0.0, 1.0
+                else:
+                    row[coefs.X_S], row[coefs.A_X], row[coefs.A_M] = 1.0, a0, -s0
+                self._fill_update(row, sig, i, order, sde)
+        return table
+
+    def _fill_update(self, row, sig, i, order, sde):
+        a_t, s_t = _alpha_sigma(float(sig[i + 1]))
+        _, s_0 = _alpha_sigma(float(sig[i]))
+        h = _lam(float(sig[i + 1])) - _lam(float(sig[i]))
+        em = 0.0 if math.isinf(h) else math.exp(-h)  # exp(-h)
+        em2 = em * em
+        if sde:
+            row[coefs.C_X] = s_t / s_0 * em
+            row[coefs.SIGMA] = s_t * math.sqrt(max(1.0 - em2, 0.0))
+            c_d0 = a_t * (1.0 - em2)
+        else:
+            row[coefs.C_X] = s_t / s_0
+            c_d0 = -a_t * (em - 1.0)
+        if order == 1:
+            row[coefs.C_0] = c_d0
+            return
+        if math.isinf(h):  # a multistep update onto sigma = 0 divides by r0 = 0; diffusers gives NaN too
+            row[coefs.C_0] = row[coefs.H_1] = row[coefs.H_2] = math.nan
+            return
+        r0 = (_lam(float(sig[i])) - _lam(float(sig[i - 1]))) / h
+        heun = self.config.solver_type == "heun"
+        if order == 2:
+            if sde:
+                c_d1 = a_t * ((1.0 - em2) / (-2.0 * h) + 1.0) if heun else 0.5 * a_t * (1.0 - em2)
+            else:
+                c_d1 = a_t * ((em - 1.0) / h + 1.0) if heun else -0.5 * a_t * (em - 1.0)
+            # D1 = (m0 - m1) / r0
+            row[coefs.C_0] = c_d0 + c_d1 / r0
+            row[coefs.H_1] = -c_d1 / r0
+            return
+        r1 = (_lam(float(sig[i - 1])) - _lam(float(sig[i - 2]))) / h
+        if sde:
+            c_d1 = a_t * ((1.0 - em2) / (-2.0 * h) + 1.0)
+            c_d2 = a_t * ((1.0 - em2 - 2.0 * h) / (2.0 * h) ** 2 - 0.5)
+        else:
+            c_d1 = a_t * ((em - 1.0) / h + 1.0)
+            c_d2 = -a_t * ((em - 1.0 + h) / h**2 - 0.5)
+        # D1 = (1 + k) D1_0 - k D1_1, D2 = q (D1_0 - D1_1), D1_0 = (m0 - m1) / r0, D1_1 = (m1 - m2) / r1
+        k, q = r0 / (r0 + r1), 1.0 / (r0 + r1)
+        c10 = c_d1 * (1 + k) + c_d2 * q
+        c11 = -c_d1 * k - c_d2 * q
+        row[coefs.C_0] = c_d0 + c10 / r0
+        row[coefs.H_1] = -c10 / r0 + c11 / r1
+        row[coefs.H_2] = -c11 / r1
+
+    def _history(self, shape, dtype, device) -> torch.Tensor:
+        """The static (solver_order, *shape) buffer of x0 predictions, allocated once per shape/dtype/device."""
+        key = ("history", tuple(shape), dtype, torch.device(device))
+        return self._cached(key, lambda: torch.empty((self.config.solver_order, *shape), dtype=dtype, device=device))
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep,
+        sample: torch.Tensor,
+        generator=None,
+        variance_noise: Optional[torch.Tensor] = None,
+        return_dict: bool = True,
+        *,
+        guidance_scale=None,
+        guidance_rescale: float = 0.0,
+        noise_seed=None,
+    ):
+        """One multistep DPM-Solver++ step. For "sde-dpmsolver++" the noise comes from ``variance_noise``,
+        ``generator`` (float32 draws, as diffusers) or Philox with ``noise_seed``. Returns ``prev_sample``
+        (``pred_original_sample`` is None, as in diffusers)."""
+        self._check_ready()
+        batch = guidance_batch(model_output, guidance_scale) if isinstance(model_output, torch.Tensor) else None
+        shape = tuple(getattr(sample, "shape", ()))
+        expected = [((shape[0] * (2 if guidance_scale is not None else 1),) + shape[1:]) if shape else shape]
+        self._check_tensors(model_output, sample, expected, guidance_scale is not None)
+        i = self._current_index(timestep)
+        order = self._order_at(i, self.lower_order_nums)
+        device = sample.device
+        backend = self._resolve_backend(device)
+        noise = seed = offset = None
+        if self.config.algorithm_type == "sde-dpmsolver++":
+            noise, seed, offset = self._draw_noise(
+                sample.shape, generator, device, torch.float32, noise_seed, variance_noise, batch, i
+            )
+            if noise is not None:
+                noise = noise.to(torch.float32)
+        if backend == "reference":
+            prev = self._reference_step(
+                model_output, sample, i, order, noise, seed, offset, guidance_scale, guidance_rescale
+            )
+        else:
+            hist = self._history(sample.shape, model_output.dtype, device)
+            slot = self._taken % self.config.solver_order
+            prior = tuple(hist[(self._taken - k) % self.config.solver_order] for k in range(1, order))
+            guidance = self._scalar(guidance_scale, device) if guidance_scale is not None else None
+            mscale = (
+                rescale_factor(model_output, guidance_scale, guidance_rescale)
+                if guidance_scale is not None and guidance_rescale > 0
+                else None
+            )
+            table = self._device_table((), device)
+            prev, _ = self._fused(
+                backend,
+                table[i, order - 1],
+                model_output,
+                sample,
+                out_dtype=model_output.dtype,
+                noise=noise,
+                seed=seed,
+                offset=offset,
+                guidance=guidance,
+                mscale=mscale,
+                hist=prior,
+                thresholding=self.config.thresholding,
+                x0_out=hist[slot],
+            )
+        if self.lower_order_nums < self.config.solver_order:
+            self.lower_order_nums += 1
+        self._taken += 1
+        self._step_index = i + 1
+        if not return_dict:
+            return (prev,)
+        return SchedulerOutput(prev_sample=prev, pred_original_sample=None)
+
+    def _reference_step(self, model_output, sample, i, order, noise, seed, offset, guidance_scale, guidance_rescale):
+        cfg = self.config
+        if seed is not None:
+            noise = philox_normal(seed, sample[0].numel(), offset, coefs.STREAM_STEP).reshape(sample.shape)
+        if guidance_scale is not None:
+            guided = reference.apply_guidance(model_output, guidance_scale)
+            if guidance_rescale > 0:
+                guided = reference.rescale_noise_cfg(guided, model_output.chunk(2)[1], guidance_rescale)
+            model_output = guided
+        x0 = reference.dpm_x0(
+            model_output,
+            sample,
+            self.sigmas[i],
+            cfg.prediction_type,
+            cfg.thresholding,
+            cfg.dynamic_thresholding_ratio,
+            cfg.sample_max_value,
+        )
+        self.model_outputs = self.model_outputs[1:] + [x0]
+        sig = [self.sigmas[i + 1], self.sigmas[i]] + [self.sigmas[i - k] for k in range(1, order)]
+        prev = reference.dpm_update(
+            self.model_outputs,
+            sample.to(torch.float32),
+            sig,
+            order=order,
+            algorithm_type=cfg.algorithm_type,
+            solver_type=cfg.solver_type,
+            noise=noise,
+        )
+        return prev.to(model_output.dtype)
+
+    def scale_model_input(self, sample: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return sample
+
+    def _add_noise_rows(self) -> np.ndarray:
+        sig = self._sigma_values.astype(np.float64)
+        alpha = 1.0 / np.sqrt(sig**2 + 1)
+        return np.stack([alpha, sig * alpha], axis=1)
+
+    def _reference_add_noise(self, x, noise, index):
+        sigmas = self.sigmas.to(device=x.device, dtype=x.dtype)
+        sigma = sigmas[index.to(x.device)].flatten()
+        while sigma.ndim < x.ndim:
+            sigma = sigma.unsqueeze(-1)
+        alpha_t, sigma_t = reference.alpha_sigma(sigma)
+        return alpha_t * x + sigma_t * noise

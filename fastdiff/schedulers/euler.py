@@ -1,0 +1,380 @@
+"""Drop-in ``EulerDiscreteScheduler`` and ``EulerAncestralDiscreteScheduler`` (the "Euler" and "Euler a"
+samplers): one fused launch per step, diffusers' constructor, API and noise draws."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import numpy as np
+import torch
+
+from .. import coefs, reference
+from ..noise import philox_normal
+from ..schedules import TIMESTEP_SPACINGS, check_choice, check_sigma_spacing_flags, euler_schedule
+from ._base import SchedulerOutput, guidance_batch, rescale_factor
+from ._sigma import SigmaSchedulerBase
+
+EULER_PREDICTIONS = ("epsilon", "v_prediction", "sample", "original_sample")
+_COMPATIBLES = [
+    "DDIMScheduler",
+    "DDPMScheduler",
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "DPMSolverMultistepScheduler",
+]
+
+
+def euler_x0_coefficients(prediction_type: str, sigma: float, sigma_hat: float) -> tuple[float, float, float]:
+    """(X_S, A_X, A_M): x0 = X_S * (A_X * x + A_M * m), in diffusers' operation order."""
+    if prediction_type == "epsilon":
+        return 1.0, 1.0, -sigma_hat
+    if prediction_type == "v_prediction":
+        return 1.0, 1.0 / (sigma**2 + 1), -sigma / math.sqrt(sigma**2 + 1)
+    return 1.0, 0.0, 1.0  # sample / original_sample
+
+
+class _EulerCommon(SigmaSchedulerBase):
+    """scale_model_input, init_noise_sigma, the fused-step call and the reference call."""
+
+    _compatibles = _COMPATIBLES
+    order = 1
+
+    @property
+    def init_noise_sigma(self) -> float:
+        max_sigma = float(self._sigma_values.max())
+        if self.config.timestep_spacing in ("linspace", "trailing"):
+            return max_sigma
+        return (max_sigma**2 + 1) ** 0.5
+
+    def scale_model_input(self, sample: torch.Tensor, timestep) -> torch.Tensor:
+        """sample / sqrt(sigma^2 + 1): the VE sample rescaled to the model's unit-variance input."""
+        i = self._current_index(timestep)
+        sigma = torch.tensor(self._sigma_values[i])
+        self.is_scale_input_called = True
+        return sample / ((sigma**2 + 1) ** 0.5)
+
+    def _add_noise_rows(self) -> np.ndarray:
+        rows = np.ones((len(self._sigma_values), 2))
+        rows[:, 1] = self._sigma_values
+        return rows
+
+    def _fast_step(
+        self, backend, table, i, model_output, sample, noise, seed, offset, guidance_scale, guidance_rescale
+    ):
+        device = sample.device
+        guidance = self._scalar(guidance_scale, device) if guidance_scale is not None else None
+        mscale = (
+            rescale_factor(model_output, guidance_scale, guidance_rescale)
+            if guidance_scale is not None and guidance_rescale > 0
+            else None
+        )
+        return self._fused(
+            backend,
+            table[i],
+            model_output,
+            sample,
+            out_dtype=model_output.dtype,
+            x0_dtype=torch.promote_types(model_output.dtype, torch.float32),
+            noise=noise,
+            seed=seed,
+            offset=offset,
+            guidance=guidance,
+            mscale=mscale,
+        )
+
+    def _guided_reference_output(self, model_output, guidance_scale, guidance_rescale):
+        if guidance_scale is None:
+            return model_output
+        guided = reference.apply_guidance(model_output, guidance_scale)
+        if guidance_rescale > 0:
+            guided = reference.rescale_noise_cfg(guided, model_output.chunk(2)[1], guidance_rescale)
+        return guided
+
+    def _check_step_inputs(self, model_output, timestep, sample, guidance_scale):
+        self._check_ready()
+        if isinstance(timestep, (int, np.integer)) or (
+            isinstance(timestep, torch.Tensor)
+            and not timestep.is_floating_point()
+            and self.timesteps.is_floating_point()
+        ):
+            raise ValueError(
+                "Passing integer indices (e.g. from `enumerate(timesteps)`) as `timestep` is not supported; pass "
+                "one of `scheduler.timesteps`"
+            )
+        batch = guidance_batch(model_output, guidance_scale) if isinstance(model_output, torch.Tensor) else None
+        shape = tuple(getattr(sample, "shape", ()))
+        expected = [((shape[0] * (2 if guidance_scale is not None else 1),) + shape[1:]) if shape else shape]
+        self._check_tensors(model_output, sample, expected, guidance_scale is not None)
+        return batch
+
+
+class EulerDiscreteScheduler(_EulerCommon):
+    """Euler sampler (Karras et al. 2022, Algorithm 2), as diffusers' ``EulerDiscreteScheduler``, with
+    ``s_churn`` / ``s_tmin`` / ``s_tmax`` / ``s_noise`` in ``step``. Extras in ``step``: ``guidance_scale``,
+    ``guidance_rescale``, ``noise_seed`` (see ``DDPMScheduler``)."""
+
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: Optional[Union[np.ndarray, list]] = None,
+        prediction_type: str = "epsilon",
+        interpolation_type: str = "linear",
+        use_karras_sigmas: Optional[bool] = False,
+        use_exponential_sigmas: Optional[bool] = False,
+        use_beta_sigmas: Optional[bool] = False,
+        sigma_min: Optional[float] = None,
+        sigma_max: Optional[float] = None,
+        timestep_spacing: str = "linspace",
+        timestep_type: str = "discrete",
+        steps_offset: int = 0,
+        rescale_betas_zero_snr: bool = False,
+        final_sigmas_type: str = "zero",
+        *,
+        backend: Optional[str] = None,
+    ):
+        self._register_config(locals(), backend)
+        check_choice("prediction_type", prediction_type, EULER_PREDICTIONS)
+        check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
+        check_choice("interpolation_type", interpolation_type, ("linear", "log_linear"))
+        check_choice("timestep_type", timestep_type, ("discrete", "continuous"))
+        check_choice("final_sigmas_type", final_sigmas_type, ("zero", "sigma_min"))
+        check_sigma_spacing_flags(use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas)
+        self._init_betas(
+            num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr
+        )
+        full = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).flip(0).numpy()
+        ts = np.linspace(0, num_train_timesteps - 1, num_train_timesteps, dtype=float)[::-1].astype(np.float32)
+        if timestep_type == "continuous" and prediction_type == "v_prediction":
+            ts = (0.25 * np.log(full)).astype(np.float32)
+        self.num_inference_steps = None
+        self.is_scale_input_called = False
+        self._install(ts, np.concatenate([full, [0.0]]).astype(np.float32), None)
+        self.use_karras_sigmas = use_karras_sigmas
+        self.use_exponential_sigmas = use_exponential_sigmas
+        self.use_beta_sigmas = use_beta_sigmas
+
+    def set_timesteps(self, num_inference_steps: Optional[int] = None, device=None, timesteps=None, sigmas=None):
+        """Timesteps and sigmas for ``num_inference_steps`` steps (spacing and sigma options from the config),
+        or custom ``timesteps`` or ``sigmas`` (n + 1 values, the last the final sigma)."""
+        cfg = self.config
+        given = [a is not None for a in (num_inference_steps, timesteps, sigmas)]
+        if sum(given) != 1:
+            raise ValueError("pass exactly one of `num_inference_steps`, `timesteps` or `sigmas`")
+        if timesteps is not None and (cfg.use_karras_sigmas or cfg.use_exponential_sigmas or cfg.use_beta_sigmas):
+            raise ValueError("custom `timesteps` cannot be combined with karras/exponential/beta sigmas")
+        if timesteps is not None and cfg.timestep_type == "continuous" and cfg.prediction_type == "v_prediction":
+            raise ValueError("custom `timesteps` cannot be used with timestep_type='continuous' and v_prediction")
+        if num_inference_steps is not None:
+            from ..schedules import check_num_inference_steps
+
+            check_num_inference_steps(num_inference_steps, cfg.num_train_timesteps)
+        ts, sig = euler_schedule(
+            self.alphas_cumprod,
+            num_inference_steps,
+            spacing=cfg.timestep_spacing,
+            steps_offset=cfg.steps_offset,
+            interpolation_type=cfg.interpolation_type,
+            use_karras_sigmas=cfg.use_karras_sigmas,
+            use_exponential_sigmas=cfg.use_exponential_sigmas,
+            use_beta_sigmas=cfg.use_beta_sigmas,
+            sigma_min=cfg.sigma_min,
+            sigma_max=cfg.sigma_max,
+            final_sigmas_type=cfg.final_sigmas_type,
+            timesteps=timesteps,
+            sigmas=sigmas,
+        )
+        if cfg.timestep_type == "continuous" and cfg.prediction_type == "v_prediction":
+            ts = (0.25 * torch.log(torch.from_numpy(sig[:-1]))).numpy().astype(np.float32)
+        self.num_inference_steps = len(ts)
+        self._install(ts, sig, device)
+
+    def _coef_table(self, s_churn: float, s_tmin: float, s_tmax: float, s_noise: float) -> np.ndarray:
+        sig = self._sigma_values.astype(np.float64)
+        n = len(self._timestep_values)
+        table = np.zeros((n, coefs.NCOEF))
+        for i in range(n):
+            sigma = float(sig[i])
+            gamma = min(s_churn / (len(sig) - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
+            sigma_hat = float(np.float32(sigma) * np.float32(gamma + 1))  # diffusers forms it in float32
+            row = table[i]
+            row[coefs.X_S], row[coefs.A_X], row[coefs.A_M] = euler_x0_coefficients(
+                self.config.prediction_type, sigma, sigma_hat
+            )
+            if gamma > 0:
+                row[coefs.K_PRE] = s_noise * math.sqrt(max(sigma_hat**2 - sigma**2, 0.0))
+            # derivative = (x - x0) / sigma_hat; prev = x + derivative * (sigma_next - sigma_hat)
+            row[coefs.E_S], row[coefs.E_X], row[coefs.E_0] = 1.0 / sigma_hat, 1.0, -1.0
+            row[coefs.C_X], row[coefs.C_E] = 1.0, float(sig[i + 1]) - sigma_hat
+        return table
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep,
+        sample: torch.Tensor,
+        s_churn: float = 0.0,
+        s_tmin: float = 0.0,
+        s_tmax: float = float("inf"),
+        s_noise: float = 1.0,
+        generator=None,
+        return_dict: bool = True,
+        *,
+        guidance_scale=None,
+        guidance_rescale: float = 0.0,
+        noise_seed=None,
+    ):
+        """One Euler step to the next sigma. With ``s_churn`` > 0 the sample is first pushed to a higher
+        sigma with fresh noise (drawn like diffusers from ``generator``, or Philox with ``noise_seed``)."""
+        batch = self._check_step_inputs(model_output, timestep, sample, guidance_scale)
+        i = self._current_index(timestep)
+        device = sample.device
+        sigma = float(self._sigma_values[i])
+        gamma = min(s_churn / (len(self._sigma_values) - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
+        backend = self._resolve_backend(device)
+        noise = seed = offset = None
+        if gamma > 0:
+            noise, seed, offset = self._draw_noise(
+                sample.shape, generator, device, model_output.dtype, noise_seed, None, batch, i
+            )
+        if backend == "reference":
+            if seed is not None:
+                noise = philox_normal(seed, sample[0].numel(), offset, coefs.STREAM_STEP)
+                noise = noise.reshape(sample.shape).to(model_output.dtype)
+            mo = self._guided_reference_output(model_output, guidance_scale, guidance_rescale)
+            prev, x0 = reference.euler_step(
+                mo,
+                sample,
+                sigma=self.sigmas[i],
+                sigma_next=self.sigmas[i + 1],
+                prediction_type=self.config.prediction_type,
+                gamma=gamma,
+                s_noise=s_noise,
+                noise=noise,
+            )
+        else:
+            table = self._device_table((float(s_churn), float(s_tmin), float(s_tmax), float(s_noise)), device)
+            prev, x0 = self._fast_step(
+                backend, table, i, model_output, sample, noise, seed, offset, guidance_scale, guidance_rescale
+            )
+        self._step_index = i + 1
+        if not return_dict:
+            return (prev, x0)
+        return SchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+
+class EulerAncestralDiscreteScheduler(_EulerCommon):
+    """Ancestral Euler ("Euler a"), as diffusers' ``EulerAncestralDiscreteScheduler``: noise is drawn every
+    step like diffusers (from ``generator`` or the global RNG), or in the kernel with ``noise_seed``."""
+
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: Optional[Union[np.ndarray, list]] = None,
+        prediction_type: str = "epsilon",
+        timestep_spacing: str = "linspace",
+        steps_offset: int = 0,
+        rescale_betas_zero_snr: bool = False,
+        *,
+        backend: Optional[str] = None,
+    ):
+        self._register_config(locals(), backend)
+        check_choice("prediction_type", prediction_type, ("epsilon", "v_prediction"))
+        check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
+        self._init_betas(
+            num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr
+        )
+        full = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()
+        sigmas = np.concatenate([full[::-1], [0.0]]).astype(np.float32)
+        ts = np.linspace(0, num_train_timesteps - 1, num_train_timesteps, dtype=float)[::-1].astype(np.float32)
+        self.num_inference_steps = None
+        self.is_scale_input_called = False
+        self._install(ts, sigmas, None)
+
+    def set_timesteps(self, num_inference_steps: int, device=None):
+        """Timesteps and sigmas for ``num_inference_steps`` steps, spaced by ``config.timestep_spacing``."""
+        from ..schedules import check_num_inference_steps
+
+        check_num_inference_steps(num_inference_steps, self.config.num_train_timesteps)
+        ts, sig = euler_schedule(
+            self.alphas_cumprod,
+            num_inference_steps,
+            spacing=self.config.timestep_spacing,
+            steps_offset=self.config.steps_offset,
+        )
+        self.num_inference_steps = num_inference_steps
+        self._install(ts, sig, device)
+
+    def _coef_table(self) -> np.ndarray:
+        sig = self._sigma_values.astype(np.float64)
+        n = len(self._timestep_values)
+        table = np.zeros((n, coefs.NCOEF))
+        for i in range(n):
+            s_from, s_to = float(sig[i]), float(sig[i + 1])
+            s_up = math.sqrt(max(s_to**2 * (s_from**2 - s_to**2) / s_from**2, 0.0))
+            s_down = math.sqrt(max(s_to**2 - s_up**2, 0.0))
+            row = table[i]
+            row[coefs.X_S], row[coefs.A_X], row[coefs.A_M] = euler_x0_coefficients(
+                self.config.prediction_type, s_from, s_from
+            )
+            row[coefs.E_S], row[coefs.E_X], row[coefs.E_0] = 1.0 / s_from, 1.0, -1.0
+            row[coefs.C_X], row[coefs.C_E] = 1.0, s_down - s_from
+            row[coefs.SIGMA] = s_up
+        return table
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep,
+        sample: torch.Tensor,
+        generator=None,
+        return_dict: bool = True,
+        *,
+        guidance_scale=None,
+        guidance_rescale: float = 0.0,
+        noise_seed=None,
+    ):
+        """One ancestral Euler step (noise drawn every step, as diffusers draws it)."""
+        batch = self._check_step_inputs(model_output, timestep, sample, guidance_scale)
+        i = self._current_index(timestep)
+        device = sample.device
+        backend = self._resolve_backend(device)
+        noise, seed, offset = self._draw_noise(
+            sample.shape, generator, device, model_output.dtype, noise_seed, None, batch, i
+        )
+        if backend == "reference":
+            if seed is not None:
+                noise = philox_normal(seed, sample[0].numel(), offset, coefs.STREAM_STEP)
+                noise = noise.reshape(sample.shape).to(model_output.dtype)
+            mo = self._guided_reference_output(model_output, guidance_scale, guidance_rescale)
+            prev, x0 = reference.euler_ancestral_step(
+                mo,
+                sample,
+                sigma=self.sigmas[i],
+                sigma_next=self.sigmas[i + 1],
+                prediction_type=self.config.prediction_type,
+                noise=noise,
+            )
+        else:
+            prev, x0 = self._fast_step(
+                backend,
+                self._device_table((), device),
+                i,
+                model_output,
+                sample,
+                noise,
+                seed,
+                offset,
+                guidance_scale,
+                guidance_rescale,
+            )
+        self._step_index = i + 1
+        if not return_dict:
+            return (prev, x0)
+        return SchedulerOutput(prev_sample=prev, pred_original_sample=x0)
