@@ -63,11 +63,30 @@ def doctor(args) -> int:
     return 0
 
 
+def bench_cmd(args) -> int:
+    """A representative subset of the benchmarks, printed as a table (full suites: pytest benchmarks/)."""
+    import torch
+
+    from . import bench
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is available")
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        raise UsageError("the benchmarks compare against diffusers: pip install 'fastdiff[bench]'") from None
+    bench.run_subset(args.device)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastdiff", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("doctor", help="versions, devices, and which backends are available and why not")
     d.set_defaults(func=doctor)
+    b = sub.add_parser("bench", help="time a representative subset against diffusers and print the table")
+    b.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    b.set_defaults(func=bench_cmd)
     return parser
 
 

@@ -26,6 +26,18 @@ from .sampling import as_fastdiff_scheduler, call_model, denoise, doubled_kwargs
 logger = logging.getLogger("fastdiff")
 
 
+_SIDE_STREAMS: dict = {}
+
+
+def _side_stream(device) -> torch.cuda.Stream:
+    """One warm-up stream per device: libraries (cuBLAS, cuDNN) keep a workspace per stream for the life of
+    the process, so a new stream per capture would grow memory with every capture."""
+    stream = _SIDE_STREAMS.get(device)
+    if stream is None:
+        stream = _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return stream
+
+
 class GraphCaptureError(RuntimeError):
     """The model (or its inputs) cannot be captured into a CUDA graph; the message says why."""
 
@@ -216,7 +228,7 @@ class GraphSampler:
         sched.set_timesteps(steps, device=dev)
         args = (sched, latents, use_latents, seeds, guidance, kwargs, shape, dtype)
 
-        side = torch.cuda.Stream(dev)
+        side = _side_stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):
             self._run(*args)  # first pass: compiles kernels, fills the schedulers' device caches

@@ -230,6 +230,56 @@ def prepare(
     return dict(scheduler=sched, shape=shape, device=device, dtype=dtype, call_kwargs=call_kwargs, seeds=seeds)
 
 
+_SAMPLERS: dict = {}
+_MAX_SAMPLERS = 4
+
+
+def _cached_sampler(model, scheduler, shape, dtype, steps, guidance_scale, guidance_rescale, step_kwargs):
+    """GraphSamplers behind ``sample(graph=...)``, reused across calls for the same model, scheduler config
+    and loop options (a capture costs about two eager loops); the oldest of more than four is released."""
+    from .graph import GraphSampler
+
+    key = (
+        id(model),
+        type(scheduler).__name__,
+        tuple(sorted((k, repr(v)) for k, v in scheduler.config.items())),
+        scheduler.backend,
+        guidance_scale is not None,
+        float(guidance_rescale),
+        tuple(sorted((step_kwargs or {}).items())),
+    )
+    entry = _SAMPLERS.get(key)
+    if entry is not None and entry[0]() is model:
+        return entry[1]
+    import weakref
+
+    try:
+        ref = weakref.ref(model)
+    except TypeError:  # not weak-referenceable: keep it alive with the sampler
+        ref = lambda: model  # noqa: E731
+    sampler = GraphSampler(
+        model,
+        scheduler,
+        shape,
+        dtype=dtype,
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
+        guidance_rescale=guidance_rescale,
+        step_kwargs=step_kwargs,
+        fallback="eager",
+    )
+    if len(_SAMPLERS) >= _MAX_SAMPLERS:
+        _SAMPLERS.pop(next(iter(_SAMPLERS)))[1].release()
+    _SAMPLERS[key] = (ref, sampler)
+    return sampler
+
+
+def release_cached_samplers() -> None:
+    """Free the CUDA graphs that ``sample()`` keeps for reuse."""
+    while _SAMPLERS:
+        _SAMPLERS.popitem()[1][1].release()
+
+
 @torch.no_grad()
 def sample(
     model,
@@ -286,29 +336,28 @@ def sample(
             raise ValueError(f"`graph=True` needs CUDA tensors; the model runs on {p['device']}")
         if generator is not None:
             raise ValueError("`graph=True` draws noise with Philox: pass `seed` instead of `generator`")
-        from .graph import GraphSampler
-
-        sampler = GraphSampler(
+        if seed is None:  # a fresh seed per call, from torch's global (CPU) generator: no device sync
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        sampler = _cached_sampler(
             model,
             p["scheduler"],
             p["shape"],
+            p["dtype"],
+            num_inference_steps,
+            guidance_scale,
+            guidance_rescale,
+            step_kwargs,
+        )
+        return sampler(
+            latents=latents,
+            seed=seed,
+            model_kwargs=model_kwargs,
+            uncond_kwargs=uncond_kwargs,
+            guidance_scale=guidance_scale,
+            shape=p["shape"],
             dtype=p["dtype"],
             num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            guidance_rescale=guidance_rescale,
-            step_kwargs=step_kwargs,
-            fallback="eager",
         )
-        try:
-            return sampler(
-                latents=latents,
-                seed=seed if seed is not None else 0,
-                model_kwargs=model_kwargs,
-                uncond_kwargs=uncond_kwargs,
-                progress=progress,
-            )
-        finally:
-            sampler.release()
     sched = p["scheduler"]
     sched.set_timesteps(num_inference_steps, device=p["device"])
     backend_now = sched._resolve_backend(p["device"])
