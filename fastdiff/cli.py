@@ -79,11 +79,255 @@ def bench_cmd(args) -> int:
     return 0
 
 
+SAMPLERS = {
+    # name: (scheduler class, config overrides, step kwargs)
+    "ddpm": ("DDPMScheduler", {}, {}),
+    "ddim": ("DDIMScheduler", {"timestep_spacing": "trailing"}, {}),
+    "euler": ("EulerDiscreteScheduler", {"timestep_spacing": "trailing"}, {}),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {"timestep_spacing": "trailing"}, {}),
+    "dpm++2m": ("DPMSolverMultistepScheduler", {}, {}),
+    "dpm++2m-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, {}),
+    "dpm++2m-sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, {}),
+}
+
+
+def _positive_int(name):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {value}")
+        return value
+
+    return parse
+
+
+def _check_writable(path: str, flag: str) -> None:
+    import os
+
+    folder = os.path.dirname(os.path.abspath(path)) or "."
+    if not os.path.isdir(folder):
+        raise UsageError(f"{flag} {path}: the folder {folder} does not exist")
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path}: is a folder, expected a file name")
+    try:
+        with open(path, "ab"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"{flag} {path}: cannot write there ({exc.strerror})") from None
+
+
+def _load_model(spec: str, device, dtype):
+    """(model, scheduler config, image shape (C, H, W), supports labels) for --model."""
+    import os
+
+    if spec == "digits":
+        from .models import digits
+
+        model = digits.load_default_model(device=device, dtype=dtype)
+        return model, dict(digits.SCHEDULER_CONFIG), (digits.CHANNELS, digits.IMAGE_SIZE, digits.IMAGE_SIZE), True
+    if not os.path.isdir(spec):
+        raise UsageError(f"--model {spec}: not 'digits' and not a local folder")
+    try:
+        import diffusers
+    except ImportError:
+        raise UsageError("--model with a folder needs diffusers: pip install 'fastdiff[diffusers]'") from None
+    import json
+
+    config_path = os.path.join(spec, "model_index.json")
+    try:
+        if os.path.isfile(config_path):
+            pipe = diffusers.DiffusionPipeline.from_pretrained(spec, local_files_only=True)
+            unet, sched_config = getattr(pipe, "unet", None), dict(pipe.scheduler.config)
+            if not isinstance(unet, diffusers.UNet2DModel):
+                raise UsageError(
+                    f"--model {spec}: the pipeline's denoiser is {type(unet).__name__}; "
+                    "fastdiff sample runs unconditional UNet2DModel pipelines"
+                )
+        elif os.path.isfile(os.path.join(spec, "config.json")):
+            with open(os.path.join(spec, "config.json")) as fh:
+                cls = json.load(fh).get("_class_name")
+            if cls != "UNet2DModel":
+                raise UsageError(f"--model {spec}: config.json describes {cls!r}, not a UNet2DModel")
+            unet = diffusers.UNet2DModel.from_pretrained(spec, local_files_only=True)
+            sched_path = os.path.join(spec, "scheduler_config.json")
+            sched_config = json.load(open(sched_path)) if os.path.isfile(sched_path) else {}
+        else:
+            raise UsageError(f"--model {spec}: no model_index.json or config.json: not a diffusers model folder")
+    except UsageError:
+        raise
+    except Exception as exc:  # a corrupt or incomplete folder
+        raise UsageError(f"--model {spec}: cannot load it as a diffusion model ({type(exc).__name__}: {exc})") from None
+    unet = unet.to(device=device, dtype=dtype).eval()
+    size = unet.config.sample_size
+    hw = (size, size) if isinstance(size, int) else tuple(size)
+    return unet, sched_config, (unet.config.in_channels, *hw), False
+
+
+def sample_cmd(args) -> int:
+    """Sample images with the embedded digits model (or a local diffusers UNet2DModel) and save a grid."""
+    import time
+
+    import numpy as np
+    import torch
+
+    from . import sample as fd_sample
+    from . import schedulers
+
+    if args.out is None and args.save_array is None and not args.judge:
+        args.out = "samples.png"
+    for flag, path in (("--out", args.out), ("--save-array", args.save_array)):
+        if path is not None:
+            _check_writable(path, flag)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is available")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    model, sched_config, chw, labelled = _load_model(args.model, device, dtype)
+    if (args.guidance is not None or args.labels is not None) and not labelled:
+        raise UsageError(f"--guidance/--labels: the model {args.model!r} is unconditional")
+    if args.guidance is not None and args.labels is None:
+        args.labels = "all"
+    name, overrides, step_kwargs = SAMPLERS[args.sampler]
+    if args.eta is not None:
+        if name != "DDIMScheduler":
+            raise UsageError(f"--eta applies to --sampler ddim only, not {args.sampler}")
+        step_kwargs = {"eta": args.eta}
+    scheduler = getattr(schedulers, name).from_config(
+        sched_config, **overrides, backend=None if args.backend == "auto" else args.backend
+    )
+    try:
+        scheduler.set_timesteps(args.steps)
+    except ValueError as exc:
+        raise UsageError(f"--steps {args.steps}: {exc}") from None
+
+    kwargs = {}
+    if args.labels is not None:
+        from .models.digits import NULL_CLASS, NUM_CLASSES
+
+        if args.labels == "all":
+            labels = [i % NUM_CLASSES for i in range(args.num)]
+        else:
+            try:
+                given = [int(v) for v in args.labels.split(",")]
+            except ValueError:
+                raise UsageError(f"--labels {args.labels!r}: expected 'all' or digits like 3,1,4") from None
+            if any(v < 0 or v >= NUM_CLASSES for v in given):
+                raise UsageError(f"--labels {args.labels!r}: digits must be 0..9")
+            labels = [given[i % len(given)] for i in range(args.num)]
+        label_t = torch.tensor(labels, device=device)
+        kwargs["model_kwargs"] = {"class_labels": label_t}
+        if args.guidance is not None:
+            kwargs["uncond_kwargs"] = {"class_labels": torch.full_like(label_t, NULL_CLASS)}
+            kwargs["guidance_scale"] = args.guidance
+    graph = {"auto": "auto", "on": True, "off": False}[args.graph]
+    if graph is True and device.type != "cuda":
+        raise UsageError("--graph on needs a CUDA GPU (CUDA graphs); use --graph auto or off on the CPU")
+
+    batches = []
+    t0 = time.perf_counter()
+    done = 0
+    while done < args.num:
+        n = min(args.batch_size or args.num, args.num - done)
+        part_kwargs = {
+            k: ({kk: vv[done : done + n] for kk, vv in v.items()} if isinstance(v, dict) else v)
+            for k, v in kwargs.items()
+        }
+        out = fd_sample(
+            model,
+            scheduler,
+            shape=(n, *chw),
+            seed=args.seed + done,
+            num_inference_steps=args.steps,
+            graph=graph,
+            progress=not args.quiet,
+            step_kwargs=step_kwargs,
+            **part_kwargs,
+        )
+        batches.append(out.float())
+        done += n
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    images = ((torch.cat(batches) + 1) / 2).clamp(0, 1).cpu()
+    if args.out:
+        _save_grid(images, args.out)
+    if args.save_array:
+        np.save(args.save_array, images.numpy().astype(np.float32))
+    backend = scheduler.last_backend or "graph"
+    print(
+        f"{args.num} images, {args.sampler} {args.steps} steps on {device} [{backend} backend"
+        f"{', CUDA graph' if device.type == 'cuda' and graph is not False else ''}]: {seconds:.2f} s, "
+        f"{seconds / args.num * 1e3:.1f} ms per image, {args.num / seconds:.1f} images/s"
+    )
+    for flag, path in (("grid", args.out), ("array", args.save_array)):
+        if path:
+            print(f"wrote {flag} {path}")
+    if args.judge:
+        from .quality import judge
+
+        if not labelled:
+            raise UsageError("--judge scores digits: it needs the digits model")
+        q = judge(images.numpy())
+        print(
+            f"digit classifier: mean top-class probability {q['mean_top_prob']:.3f}; class counts "
+            f"{q['class_counts']} (min {q['min_class_fraction']:.1%}, max {q['max_class_fraction']:.1%})"
+        )
+    return 0
+
+
+def _save_grid(images, path: str, scale: int = 4) -> None:
+    """Save (N, C, H, W) images in [0, 1] as one PNG grid, each image upscaled ``scale`` x (nearest)."""
+    import math
+
+    import numpy as np
+    from PIL import Image
+
+    n, c, h, w = images.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    pad = 2
+    grid = np.ones((rows * (h * scale + pad) + pad, cols * (w * scale + pad) + pad, 3), dtype=np.uint8) * 255
+    arr = (images.numpy() * 255).round().astype(np.uint8)
+    for i in range(n):
+        tile = arr[i].transpose(1, 2, 0)
+        tile = np.repeat(np.repeat(tile, scale, 0), scale, 1)
+        if c == 1:
+            tile = np.repeat(tile, 3, 2)
+        r, col = divmod(i, cols)
+        y, x = pad + r * (h * scale + pad), pad + col * (w * scale + pad)
+        grid[y : y + h * scale, x : x + w * scale] = tile[..., :3]
+    Image.fromarray(grid).save(path)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastdiff", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("doctor", help="versions, devices, and which backends are available and why not")
     d.set_defaults(func=doctor)
+    sp = sub.add_parser("sample", help="sample images (default: the embedded digits model) and save a grid")
+    sp.add_argument(
+        "--model", default="digits", help="'digits' (embedded) or a local diffusers pipeline/UNet2DModel folder"
+    )
+    sp.add_argument("--sampler", choices=list(SAMPLERS), default="ddim")
+    sp.add_argument("--steps", type=_positive_int("--steps"), default=50)
+    sp.add_argument("-n", "--num", type=_positive_int("--num"), default=64, help="number of images")
+    sp.add_argument("--batch-size", type=_positive_int("--batch-size"), default=None)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--backend", choices=["auto", "cuda", "triton", "reference"], default="auto")
+    sp.add_argument("--graph", choices=["auto", "on", "off"], default="auto", help="CUDA graph of the whole loop")
+    sp.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (digits model)")
+    sp.add_argument("--labels", default=None, help="digits to draw: 'all' (0..9 cycled) or e.g. 3,1,4")
+    sp.add_argument("--eta", type=float, default=None, help="DDIM eta (0 deterministic, 1 DDPM-like)")
+    sp.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    sp.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    sp.add_argument("--out", default=None, help="PNG grid of the samples (default samples.png)")
+    sp.add_argument("--save-array", default=None, help=".npy of the samples, float32 (N, C, H, W) in [0, 1]")
+    sp.add_argument("--judge", action="store_true", help="score the samples with a digits classifier (scikit-learn)")
+    sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    sp.set_defaults(func=sample_cmd)
     b = sub.add_parser("bench", help="time a representative subset against diffusers and print the table")
     b.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     b.set_defaults(func=bench_cmd)

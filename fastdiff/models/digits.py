@@ -1,7 +1,7 @@
 """The embedded default model: a small class-conditional UNet denoiser for 16x16 digits.
 
 The model is trained (``scripts/train_digits.py``) on scikit-learn's 8x8 ``load_digits`` images,
-scaled to ``[-1, 1]`` and upsampled 2x (nearest) to 16x16, with the standard epsilon-prediction DDPM
+scaled to ``[-1, 1]`` and upsampled 2x (bilinear) to 16x16, with the standard epsilon-prediction DDPM
 loss under :data:`SCHEDULER_CONFIG`. Its weights ship with the package
 (``fastdiff/models/digits_unet.safetensors``, fp32), so examples, tests and benchmarks have a real
 denoiser that needs no download. See ``MODEL_CARD.md`` beside this file.
@@ -45,9 +45,7 @@ NULL_CLASS = 10
 #: (``DDPMScheduler(**SCHEDULER_CONFIG)``, ``DDIMScheduler(**SCHEDULER_CONFIG)``).
 SCHEDULER_CONFIG = dict(
     num_train_timesteps=1000,
-    beta_schedule="linear",
-    beta_start=1e-4,
-    beta_end=0.02,
+    beta_schedule="squaredcos_cap_v2",
     prediction_type="epsilon",
     clip_sample=True,
 )
@@ -59,7 +57,7 @@ DEFAULT_CONFIG = dict(
     emb_dim=128,
     num_classes=NUM_CLASSES,
     groups=8,
-    attention=True,
+    attention=False,
 )
 
 WEIGHTS_PATH = Path(__file__).parent / "digits_unet.safetensors"
@@ -71,7 +69,7 @@ def to_unit_range(x: torch.Tensor) -> torch.Tensor:
 
 
 def from_unit_range(x: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`to_unit_range`: map image space ``[0, 1]`` to model space ``[-1, 1]`` (``2x - 1``)."""
+    """Inverse of :func:`to_unit_range`: map image space ``[0, 1]`` to model space ``[-1, 1]``: ``2x - 1``."""
     return x * 2 - 1
 
 
@@ -187,7 +185,7 @@ class DigitsUNet(nn.Module):
             self.up.append(ResBlock(prev + chs[i], chs[i], emb_dim, groups))
             prev = chs[i]
             if i > 0:
-                self.upsample.append(nn.Conv2d(chs[i], chs[i - 1] if False else chs[i], 3, padding=1))
+                self.upsample.append(nn.Conv2d(chs[i], chs[i], 3, padding=1))
         self.norm_out = nn.GroupNorm(groups, prev)
         self.conv_out = nn.Conv2d(prev, in_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)

@@ -12,8 +12,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .. import __version__, _backend, coefs, ops
-from ..noise import as_seed_tensor, randn_tensor
+from .. import __version__, _backend, coefs, ops, reference
+from ..noise import as_seed_tensor, philox_normal, randn_tensor
 
 CONFIG_NAME = "scheduler_config.json"
 
@@ -250,8 +250,45 @@ class SchedulerBase:
 
     # ------------------------------------------------------------------ validation
 
+    def _validate_step(self, model_output, sample, guidance_scale, channel_factor: int = 1):
+        """Check the step's tensors (types, devices, shapes; a doubled batch under guidance, doubled channels
+        for a learned variance). Returns the number of samples the step produces."""
+        batch = guidance_batch(model_output, guidance_scale) if isinstance(model_output, torch.Tensor) else None
+        shape = tuple(getattr(sample, "shape", ()))
+        expected = shape
+        if shape:
+            rest = ((shape[1] * channel_factor,) + shape[2:]) if len(shape) >= 2 else ()
+            expected = (shape[0] * (2 if guidance_scale is not None else 1),) + rest
+        self._check_tensors(model_output, sample, [expected])
+        return batch
+
     @staticmethod
-    def _check_tensors(model_output, sample, expected_mo_shape, allow_guidance: bool):
+    def _reference_noise(noise, seed, offset, sample, dtype):
+        """Noise for a reference step: the drawn tensor, or the Philox normals the kernels draw for ``seed``."""
+        if seed is None:
+            return noise
+        z = philox_normal(seed, sample[0].numel(), offset, coefs.STREAM_STEP)
+        return z.reshape(sample.shape).to(dtype)
+
+    @staticmethod
+    def _reference_guided(model_output, guidance_scale, guidance_rescale: float):
+        """The guided model output, combined op by op as diffusers pipelines do."""
+        if guidance_scale is None:
+            return model_output
+        guided = reference.apply_guidance(model_output, guidance_scale)
+        if guidance_rescale > 0:
+            guided = reference.rescale_noise_cfg(guided, model_output.chunk(2)[1], guidance_rescale)
+        return guided
+
+    def _guidance_args(self, model_output, guidance_scale, guidance_rescale: float, device):
+        """(device guidance scalar, per-sample rescale factors) for the fused step."""
+        if guidance_scale is None:
+            return None, None
+        mscale = rescale_factor(model_output, guidance_scale, guidance_rescale) if guidance_rescale > 0 else None
+        return self._scalar(guidance_scale, device), mscale
+
+    @staticmethod
+    def _check_tensors(model_output, sample, expected_mo_shape):
         for name, t in (("model_output", model_output), ("sample", sample)):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"`{name}` must be a torch.Tensor, got {type(t).__name__}")

@@ -17,7 +17,7 @@ from ..schedules import (
     make_betas,
     spaced_timesteps,
 )
-from ._base import SchedulerBase, SchedulerOutput, guidance_batch, rescale_factor
+from ._base import SchedulerBase, SchedulerOutput
 from .ddpm import PREDICTION_TYPES, _as_timestep_tensor, add_noise_train_timesteps, x0_coefficients
 
 DDIMSchedulerOutput = SchedulerOutput
@@ -158,10 +158,7 @@ class DDIMScheduler(SchedulerBase):
         """One DDIM step x_t -> x_{prev}. Noise (eta > 0) comes from ``variance_noise``, ``generator``
         (drawn like diffusers), the global RNG, or in-kernel Philox with ``noise_seed``."""
         self._check_ready()
-        batch = guidance_batch(model_output, guidance_scale) if isinstance(model_output, torch.Tensor) else None
-        shape = tuple(getattr(sample, "shape", ()))
-        expected = [((shape[0] * (2 if guidance_scale is not None else 1),) + shape[1:]) if shape else shape]
-        self._check_tensors(model_output, sample, expected, guidance_scale is not None)
+        batch = self._validate_step(model_output, sample, guidance_scale)
         if not isinstance(eta, (int, float)) or eta < 0:
             raise ValueError(f"`eta` must be a float >= 0, got {eta!r}")
         i = self.index_for_timestep(timestep)
@@ -178,17 +175,8 @@ class DDIMScheduler(SchedulerBase):
             )
 
         if backend == "reference":
-            if seed is not None:
-                from ..noise import philox_normal
-
-                noise = philox_normal(seed, sample[0].numel(), offset, coefs.STREAM_STEP)
-                noise = noise.reshape(sample.shape).to(model_output.dtype)
-            mo = model_output
-            if guidance_scale is not None:
-                guided = reference.apply_guidance(mo, guidance_scale)
-                if guidance_rescale > 0:
-                    guided = reference.rescale_noise_cfg(guided, mo.chunk(2)[1], guidance_rescale)
-                mo = guided
+            noise = self._reference_noise(noise, seed, offset, sample, model_output.dtype)
+            mo = self._reference_guided(model_output, guidance_scale, guidance_rescale)
             cfg = self.config
             prev, x0 = reference.ddim_step(
                 mo,
@@ -209,12 +197,7 @@ class DDIMScheduler(SchedulerBase):
             )
         else:
             table = self._device_table((float(eta), bool(use_clipped_model_output)), device)
-            guidance = self._scalar(guidance_scale, device) if guidance_scale is not None else None
-            mscale = (
-                rescale_factor(model_output, guidance_scale, guidance_rescale)
-                if guidance_scale is not None and guidance_rescale > 0
-                else None
-            )
+            guidance, mscale = self._guidance_args(model_output, guidance_scale, guidance_rescale, device)
             prev, x0 = self._fused(
                 backend,
                 table[i],

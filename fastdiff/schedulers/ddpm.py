@@ -17,7 +17,7 @@ from ..schedules import (
     make_betas,
     spaced_timesteps,
 )
-from ._base import SchedulerBase, SchedulerOutput, guidance_batch, rescale_factor
+from ._base import SchedulerBase, SchedulerOutput
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
@@ -177,18 +177,11 @@ class DDPMScheduler(SchedulerBase):
         unless ``noise_seed`` asks for in-kernel Philox noise. Returns ``SchedulerOutput`` or a tuple.
         """
         learned = self.variance_type in ("learned", "learned_range")
-        batch = guidance_batch(model_output, guidance_scale) if isinstance(model_output, torch.Tensor) else None
-        if isinstance(sample, torch.Tensor) and sample.ndim >= 2:
-            shape = tuple(sample.shape)
-            mo_batch = shape[0] * (2 if guidance_scale is not None else 1)
-            expected = [(mo_batch, shape[1] * 2) + shape[2:]] if learned else [(mo_batch,) + shape[1:]]
-        else:
-            expected = [tuple(getattr(sample, "shape", ()))]
-        self._check_tensors(model_output, sample, expected, guidance_scale is not None)
+        batch = self._validate_step(model_output, sample, guidance_scale, 2 if learned else 1)
         if learned and guidance_scale is not None:
             raise ValueError(
-                "`guidance_scale` cannot be combined with variance_type "
-                f"{self.variance_type!r}: guide the model output before the step"
+                f"`guidance_scale` cannot be combined with variance_type {self.variance_type!r}: guide the model "
+                "output before the step"
             )
         i = self.index_for_timestep(timestep)
         t = int(self._timestep_values[i])
@@ -205,17 +198,8 @@ class DDPMScheduler(SchedulerBase):
             )
 
         if backend == "reference":
-            if seed is not None:
-                from ..noise import philox_normal
-
-                noise = philox_normal(seed, sample[0].numel(), offset, coefs.STREAM_STEP)
-                noise = noise.reshape(sample.shape).to(eps_part.dtype)
-            mo = model_output
-            if guidance_scale is not None:
-                guided = reference.apply_guidance(mo, guidance_scale)
-                if guidance_rescale > 0:
-                    guided = reference.rescale_noise_cfg(guided, mo.chunk(2)[1], guidance_rescale)
-                mo = guided
+            noise = self._reference_noise(noise, seed, offset, sample, eps_part.dtype)
+            mo = self._reference_guided(model_output, guidance_scale, guidance_rescale)
             cfg = self.config
             prev, x0 = reference.ddpm_step(
                 mo,
@@ -237,12 +221,7 @@ class DDPMScheduler(SchedulerBase):
             var_mode = {"learned": coefs.VAR_LEARNED, "learned_range": coefs.VAR_LEARNED_RANGE}.get(
                 self.variance_type, coefs.VAR_FIXED
             )
-            guidance = self._scalar(guidance_scale, device) if guidance_scale is not None else None
-            mscale = (
-                rescale_factor(model_output, guidance_scale, guidance_rescale)
-                if guidance_scale is not None and guidance_rescale > 0
-                else None
-            )
+            guidance, mscale = self._guidance_args(model_output, guidance_scale, guidance_rescale, device)
             prev, x0 = self._fused(
                 backend,
                 table[i],

@@ -16,7 +16,6 @@ import numpy as np
 import torch
 
 from .. import coefs, reference
-from ..noise import philox_normal
 from ..schedules import (
     TIMESTEP_SPACINGS,
     check_choice,
@@ -24,7 +23,7 @@ from ..schedules import (
     check_sigma_spacing_flags,
     dpm_schedule,
 )
-from ._base import SchedulerOutput, guidance_batch, rescale_factor
+from ._base import SchedulerOutput
 from ._sigma import SigmaSchedulerBase
 
 ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++")
@@ -246,10 +245,7 @@ class DPMSolverMultistepScheduler(SigmaSchedulerBase):
         ``generator`` (float32 draws, as diffusers) or Philox with ``noise_seed``. Returns ``prev_sample``
         (``pred_original_sample`` is None, as in diffusers)."""
         self._check_ready()
-        batch = guidance_batch(model_output, guidance_scale) if isinstance(model_output, torch.Tensor) else None
-        shape = tuple(getattr(sample, "shape", ()))
-        expected = [((shape[0] * (2 if guidance_scale is not None else 1),) + shape[1:]) if shape else shape]
-        self._check_tensors(model_output, sample, expected, guidance_scale is not None)
+        batch = self._validate_step(model_output, sample, guidance_scale)
         i = self._current_index(timestep)
         order = self._order_at(i, self.lower_order_nums)
         device = sample.device
@@ -269,12 +265,7 @@ class DPMSolverMultistepScheduler(SigmaSchedulerBase):
             hist = self._history(sample.shape, model_output.dtype, device)
             slot = self._taken % self.config.solver_order
             prior = tuple(hist[(self._taken - k) % self.config.solver_order] for k in range(1, order))
-            guidance = self._scalar(guidance_scale, device) if guidance_scale is not None else None
-            mscale = (
-                rescale_factor(model_output, guidance_scale, guidance_rescale)
-                if guidance_scale is not None and guidance_rescale > 0
-                else None
-            )
+            guidance, mscale = self._guidance_args(model_output, guidance_scale, guidance_rescale, device)
             table = self._device_table((), device)
             prev, _ = self._fused(
                 backend,
@@ -302,12 +293,8 @@ class DPMSolverMultistepScheduler(SigmaSchedulerBase):
     def _reference_step(self, model_output, sample, i, order, noise, seed, offset, guidance_scale, guidance_rescale):
         cfg = self.config
         if seed is not None:
-            noise = philox_normal(seed, sample[0].numel(), offset, coefs.STREAM_STEP).reshape(sample.shape)
-        if guidance_scale is not None:
-            guided = reference.apply_guidance(model_output, guidance_scale)
-            if guidance_rescale > 0:
-                guided = reference.rescale_noise_cfg(guided, model_output.chunk(2)[1], guidance_rescale)
-            model_output = guided
+            noise = self._reference_noise(None, seed, offset, sample, torch.float32)
+        model_output = self._reference_guided(model_output, guidance_scale, guidance_rescale)
         x0 = reference.dpm_x0(
             model_output,
             sample,

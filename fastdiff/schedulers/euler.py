@@ -10,9 +10,8 @@ import numpy as np
 import torch
 
 from .. import coefs, reference
-from ..noise import philox_normal
 from ..schedules import TIMESTEP_SPACINGS, check_choice, check_sigma_spacing_flags, euler_schedule
-from ._base import SchedulerOutput, guidance_batch, rescale_factor
+from ._base import SchedulerOutput
 from ._sigma import SigmaSchedulerBase
 
 EULER_PREDICTIONS = ("epsilon", "v_prediction", "sample", "original_sample")
@@ -63,12 +62,7 @@ class _EulerCommon(SigmaSchedulerBase):
         self, backend, table, i, model_output, sample, noise, seed, offset, guidance_scale, guidance_rescale
     ):
         device = sample.device
-        guidance = self._scalar(guidance_scale, device) if guidance_scale is not None else None
-        mscale = (
-            rescale_factor(model_output, guidance_scale, guidance_rescale)
-            if guidance_scale is not None and guidance_rescale > 0
-            else None
-        )
+        guidance, mscale = self._guidance_args(model_output, guidance_scale, guidance_rescale, device)
         return self._fused(
             backend,
             table[i],
@@ -83,14 +77,6 @@ class _EulerCommon(SigmaSchedulerBase):
             mscale=mscale,
         )
 
-    def _guided_reference_output(self, model_output, guidance_scale, guidance_rescale):
-        if guidance_scale is None:
-            return model_output
-        guided = reference.apply_guidance(model_output, guidance_scale)
-        if guidance_rescale > 0:
-            guided = reference.rescale_noise_cfg(guided, model_output.chunk(2)[1], guidance_rescale)
-        return guided
-
     def _check_step_inputs(self, model_output, timestep, sample, guidance_scale):
         self._check_ready()
         if isinstance(timestep, (int, np.integer)) or (
@@ -102,11 +88,7 @@ class _EulerCommon(SigmaSchedulerBase):
                 "Passing integer indices (e.g. from `enumerate(timesteps)`) as `timestep` is not supported; pass "
                 "one of `scheduler.timesteps`"
             )
-        batch = guidance_batch(model_output, guidance_scale) if isinstance(model_output, torch.Tensor) else None
-        shape = tuple(getattr(sample, "shape", ()))
-        expected = [((shape[0] * (2 if guidance_scale is not None else 1),) + shape[1:]) if shape else shape]
-        self._check_tensors(model_output, sample, expected, guidance_scale is not None)
-        return batch
+        return self._validate_step(model_output, sample, guidance_scale)
 
 
 class EulerDiscreteScheduler(_EulerCommon):
@@ -241,10 +223,8 @@ class EulerDiscreteScheduler(_EulerCommon):
                 sample.shape, generator, device, model_output.dtype, noise_seed, None, batch, i
             )
         if backend == "reference":
-            if seed is not None:
-                noise = philox_normal(seed, sample[0].numel(), offset, coefs.STREAM_STEP)
-                noise = noise.reshape(sample.shape).to(model_output.dtype)
-            mo = self._guided_reference_output(model_output, guidance_scale, guidance_rescale)
+            noise = self._reference_noise(noise, seed, offset, sample, model_output.dtype)
+            mo = self._reference_guided(model_output, guidance_scale, guidance_rescale)
             prev, x0 = reference.euler_step(
                 mo,
                 sample,
@@ -349,10 +329,8 @@ class EulerAncestralDiscreteScheduler(_EulerCommon):
             sample.shape, generator, device, model_output.dtype, noise_seed, None, batch, i
         )
         if backend == "reference":
-            if seed is not None:
-                noise = philox_normal(seed, sample[0].numel(), offset, coefs.STREAM_STEP)
-                noise = noise.reshape(sample.shape).to(model_output.dtype)
-            mo = self._guided_reference_output(model_output, guidance_scale, guidance_rescale)
+            noise = self._reference_noise(noise, seed, offset, sample, model_output.dtype)
+            mo = self._reference_guided(model_output, guidance_scale, guidance_rescale)
             prev, x0 = reference.euler_ancestral_step(
                 mo,
                 sample,
