@@ -128,30 +128,35 @@ class DDPMScheduler(SchedulerBase):
     # ------------------------------------------------------------------ coefficients
 
     def _coef_table(self) -> np.ndarray:
+        """One row per inference step. The posterior-mean and variance coefficients are formed in float32
+        with diffusers' operations in diffusers' order: 1 - abar_t / abar_prev cancels at small t, and the
+        float64 value differs from diffusers' by up to 1e-4 relative there (t = 1), enough to move diffusers'
+        own full-loop regression sums (measured: 387.9677 vs 387.9466 with noise)."""
         cfg = self.config
-        acp = self.alphas_cumprod.double().cpu().numpy()
+        acp32 = self.alphas_cumprod.cpu()
+        one = torch.tensor(1.0)
         table = np.zeros((len(self._timestep_values), coefs.NCOEF))
         for i, (t, prev_t) in enumerate(zip(self._timestep_values.tolist(), self._prev.tolist())):
-            a = acp[t]
-            ap = acp[prev_t] if prev_t >= 0 else 1.0
-            b, bp = 1.0 - a, 1.0 - ap
+            a = acp32[t]
+            ap = acp32[prev_t] if prev_t >= 0 else one
+            b, bp = 1 - a, 1 - ap
             cur_a = a / ap
-            cur_b = 1.0 - cur_a
+            cur_b = 1 - cur_a
             row = table[i]
-            row[coefs.X_S], row[coefs.A_X], row[coefs.A_M] = x0_coefficients(cfg.prediction_type, a)
+            row[coefs.X_S], row[coefs.A_X], row[coefs.A_M] = x0_coefficients(cfg.prediction_type, float(a))
             row[coefs.E_S] = 1.0
-            row[coefs.C_0] = math.sqrt(ap) * cur_b / b
-            row[coefs.C_X] = math.sqrt(cur_a) * bp / b
-            var = max(bp / b * cur_b, 1e-20)
+            row[coefs.C_0] = float((ap ** (0.5) * cur_b) / b)
+            row[coefs.C_X] = float(cur_a ** (0.5) * bp / b)
+            var = torch.clamp(bp / b * cur_b, min=1e-20)
             if t > 0:
                 vt = cfg.variance_type
                 if vt in ("fixed_small", "fixed_small_log"):
-                    row[coefs.SIGMA] = math.sqrt(var)
+                    row[coefs.SIGMA] = float(var**0.5)
                 elif vt in ("fixed_large", "fixed_large_log"):
-                    row[coefs.SIGMA] = math.sqrt(cur_b)
+                    row[coefs.SIGMA] = float(cur_b**0.5)
                 else:
                     row[coefs.SIGMA] = 1.0
-                    lo, hi = math.log(var), math.log(cur_b)
+                    lo, hi = float(torch.log(var)), float(torch.log(cur_b))
                     row[coefs.LV_A], row[coefs.LV_B] = (hi - lo) / 2, (hi + lo) / 2
         return table
 

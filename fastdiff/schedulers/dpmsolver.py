@@ -34,6 +34,13 @@ def _alpha_sigma(s: float) -> tuple[float, float]:
     return a, s * a
 
 
+def _ratio(a: float, b: float) -> float:
+    """a / b, inf (NaN for 0 / 0) where b = 0: repeated sigmas make diffusers' coefficients inf/NaN too."""
+    if b != 0:
+        return a / b
+    return math.nan if a == 0 else math.copysign(math.inf, a)
+
+
 def _lam(s: float) -> float:
     return math.inf if s == 0 else -math.log(s)  # log(alpha) - log(sigma_t) = -log(sigma)
 
@@ -85,6 +92,11 @@ class DPMSolverMultistepScheduler(SigmaSchedulerBase):
         *,
         backend: Optional[str] = None,
     ):
+        # diffusers maps the options of the schedulers it lets you switch from (DEIS, UniPC) onto its own
+        if algorithm_type == "deis":
+            algorithm_type = "dpmsolver++"
+        if solver_type in ("logrho", "bh1", "bh2"):
+            solver_type = "midpoint"
         self._register_config(locals(), backend)
         check_choice("algorithm_type", algorithm_type, ALGORITHMS)
         check_choice("solver_type", solver_type, ("midpoint", "heun"))
@@ -197,31 +209,40 @@ class DPMSolverMultistepScheduler(SigmaSchedulerBase):
         if math.isinf(h):  # a multistep update onto sigma = 0 divides by r0 = 0; diffusers gives NaN too
             row[coefs.C_0] = row[coefs.H_1] = row[coefs.H_2] = math.nan
             return
-        r0 = (_lam(float(sig[i])) - _lam(float(sig[i - 1]))) / h
+        # 1 / r0 = h / h_0 and 1 / r1 = h / h_1: finite when h = 0 (final_sigmas_type="sigma_min" repeats the
+        # last sigma), where diffusers' D1 = (1 / r0) (m0 - m1) vanishes and the step returns the sample
+        h_0 = _lam(float(sig[i])) - _lam(float(sig[i - 1]))
+        inv_r0 = _ratio(h, h_0)
         heun = self.config.solver_type == "heun"
         if order == 2:
-            if sde:
+            if h == 0:
+                c_d1 = 0.0  # the h -> 0 limit of every variant
+            elif sde:
                 c_d1 = a_t * ((1.0 - em2) / (-2.0 * h) + 1.0) if heun else 0.5 * a_t * (1.0 - em2)
             else:
                 c_d1 = a_t * ((em - 1.0) / h + 1.0) if heun else -0.5 * a_t * (em - 1.0)
             # D1 = (m0 - m1) / r0
-            row[coefs.C_0] = c_d0 + c_d1 / r0
-            row[coefs.H_1] = -c_d1 / r0
+            row[coefs.C_0] = c_d0 + c_d1 * inv_r0
+            row[coefs.H_1] = -c_d1 * inv_r0
             return
-        r1 = (_lam(float(sig[i - 1])) - _lam(float(sig[i - 2]))) / h
-        if sde:
+        h_1 = _lam(float(sig[i - 1])) - _lam(float(sig[i - 2]))
+        inv_r1 = _ratio(h, h_1)
+        if h == 0:
+            c_d1 = c_d2 = 0.0
+        elif sde:
             c_d1 = a_t * ((1.0 - em2) / (-2.0 * h) + 1.0)
             c_d2 = a_t * ((1.0 - em2 - 2.0 * h) / (2.0 * h) ** 2 - 0.5)
         else:
             c_d1 = a_t * ((em - 1.0) / h + 1.0)
             c_d2 = -a_t * ((em - 1.0 + h) / h**2 - 0.5)
-        # D1 = (1 + k) D1_0 - k D1_1, D2 = q (D1_0 - D1_1), D1_0 = (m0 - m1) / r0, D1_1 = (m1 - m2) / r1
-        k, q = r0 / (r0 + r1), 1.0 / (r0 + r1)
+        # D1 = (1 + k) D1_0 - k D1_1, D2 = q (D1_0 - D1_1), D1_0 = (m0 - m1) / r0, D1_1 = (m1 - m2) / r1,
+        # with k = r0 / (r0 + r1) = h_0 / (h_0 + h_1) and q = 1 / (r0 + r1) = h / (h_0 + h_1)
+        k, q = _ratio(h_0, h_0 + h_1), _ratio(h, h_0 + h_1)
         c10 = c_d1 * (1 + k) + c_d2 * q
         c11 = -c_d1 * k - c_d2 * q
-        row[coefs.C_0] = c_d0 + c10 / r0
-        row[coefs.H_1] = -c10 / r0 + c11 / r1
-        row[coefs.H_2] = -c11 / r1
+        row[coefs.C_0] = c_d0 + c10 * inv_r0
+        row[coefs.H_1] = -c10 * inv_r0 + c11 * inv_r1
+        row[coefs.H_2] = -c11 * inv_r1
 
     def _history(self, shape, dtype, device) -> torch.Tensor:
         """The static (solver_order, *shape) buffer of x0 predictions, allocated once per shape/dtype/device."""
