@@ -138,6 +138,11 @@ def denoise(
     cond_kwargs = cond_kwargs or {}
     step_kwargs = step_kwargs or {}
     guided = guidance_scale is not None
+    if hasattr(scheduler, "set_begin_index"):
+        # the loop starts at the first step; finding it by value would take the second of repeated timesteps
+        # (diffusers' rule for schedules cut in the middle), which runs past the end when karras sigmas round
+        # several steps to one timestep
+        scheduler.set_begin_index(0)
     for i, t in enumerate(scheduler.timesteps):
         model_in = torch.cat([latents, latents]) if guided else latents
         model_in = scheduler.scale_model_input(model_in, t)

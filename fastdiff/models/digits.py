@@ -161,7 +161,9 @@ class DigitsUNet(nn.Module):
         self.register_buffer("freqs", freqs, persistent=False)
 
         self.time_mlp = nn.Sequential(
-            nn.Linear(self.freq_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
+            nn.Linear(self.freq_dim, emb_dim),
+            nn.SiLU(),
+            nn.Linear(emb_dim, emb_dim),
         )
         # num_classes digits + 1 learned "no label" embedding (index NULL_CLASS).
         self.class_emb = nn.Embedding(num_classes + 1, emb_dim)
@@ -209,11 +211,13 @@ class DigitsUNet(nn.Module):
         dtype = self.conv_in.weight.dtype
         if not torch.is_tensor(t):
             t = torch.tensor(t, device=x.device)
-        t = t.reshape(-1).expand(b)  # () or (1,) or (B,) -> (B,), no value inspection
+        # () or (1,) or (B,) -> (B,) without looking at the values; .to() is a no-op (and so capture-safe)
+        # when t is already on x's device, as it must be inside a CUDA graph.
+        t = t.to(x.device).reshape(-1).expand(b)
         if class_labels is None:
             class_labels = torch.full((b,), self.null_class, dtype=torch.long, device=x.device)
         else:
-            class_labels = class_labels.reshape(-1).expand(b).long()
+            class_labels = class_labels.to(x.device).reshape(-1).expand(b).long()
 
         emb = self.time_mlp(timestep_embedding(t, self.freq_dim, self.freqs).to(dtype))
         emb = F.silu(emb + self.class_emb(class_labels))
@@ -237,7 +241,8 @@ class DigitsUNet(nn.Module):
 
 
 def load_default_model(
-    device: Union[str, torch.device, None] = None, dtype: torch.dtype = torch.float32
+    device: Union[str, torch.device, None] = None,
+    dtype: torch.dtype = torch.float32,
 ) -> DigitsUNet:
     """The shipped digits denoiser (:data:`DEFAULT_CONFIG`, weights from :data:`WEIGHTS_PATH`), in eval mode.
 
