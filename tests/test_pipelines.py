@@ -50,3 +50,54 @@ def test_pipeline_same_images(device, backend, pipeline, scheduler, kwargs):
     err = np.abs(got - expected).max()
     assert err <= 2e-4, f"max |diff| {err:.3e}"
     assert np.abs(expected).max() > 0.05  # the images are not trivially empty
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+@pytest.mark.parametrize(
+    "scheduler", ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler"]
+)
+def test_sigma_schedulers_in_a_diffusers_pipeline(device, backend, scheduler):
+    """DiTPipeline (no transformers needed) calls scale_model_input and steps the doubled guidance batch with
+    the scheduler's own step counter: the sigma-space samplers' whole API surface inside a real pipeline."""
+    torch.manual_seed(0)
+    transformer = (
+        diffusers.DiTTransformer2DModel(
+            num_attention_heads=2,
+            attention_head_dim=8,
+            in_channels=4,
+            out_channels=8,
+            num_layers=1,
+            sample_size=8,
+            patch_size=2,
+            num_embeds_ada_norm=1000,
+        )
+        .to(device)
+        .eval()
+    )
+    vae = (
+        diffusers.AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            block_out_channels=(16, 32),
+            norm_num_groups=8,
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+        )
+        .to(device)
+        .eval()
+    )
+    images = []
+    for sched in (getattr(diffusers, scheduler)(), getattr(fastdiff, scheduler)(backend=backend)):
+        pipe = diffusers.DiTPipeline(transformer=transformer, vae=vae, scheduler=sched).to(device)
+        pipe.set_progress_bar_config(disable=True)
+        generator = torch.Generator(device).manual_seed(0)
+        torch.manual_seed(1)  # DiT steps without a generator: ancestral noise comes from the global RNG
+        images.append(
+            pipe(
+                class_labels=[1, 2], num_inference_steps=6, guidance_scale=3.0, generator=generator, output_type="np"
+            ).images
+        )
+    err = np.abs(images[1] - images[0]).max()
+    assert err <= 2e-4, f"max |diff| {err:.3e}"
+    assert images[0].std() > 0.05
