@@ -92,7 +92,8 @@ def cuda_extension():
         name="fastdiff._C",
         sources=["csrc/binding.cpp", "csrc/fused_step.cu", "csrc/add_noise.cu"],
         include_dirs=[os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")],
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-std=c++17", *gencode_flags(archs)]},
+        # the C++ standard comes from BuildExtension, which matches it to the installed torch
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", *gencode_flags(archs)]},
     )
     return [ext], {"build_ext": BuildExtension}
 
