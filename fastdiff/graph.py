@@ -15,7 +15,7 @@ import copy
 import logging
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -55,7 +55,6 @@ class _Entry:
     capture_seconds: float
     graph_bytes: int
     replays: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 class GraphSampler:
@@ -125,7 +124,6 @@ class GraphSampler:
         shape=None,
         dtype=None,
         num_inference_steps=None,
-        progress: bool = False,
     ) -> torch.Tensor:
         """Run the loop for new seeds or latents (and new conditioning / guidance scale): replays the graph
         captured for this key, capturing it first if needed. Returns a new tensor (B, C, ...)."""

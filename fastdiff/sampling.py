@@ -143,19 +143,19 @@ def denoise(
         # (diffusers' rule for schedules cut in the middle), which runs past the end when karras sigmas round
         # several steps to one timestep
         scheduler.set_begin_index(0)
+    kw = dict(step_kwargs)
+    if guided:
+        kw.update(guidance_scale=guidance_scale, guidance_rescale=guidance_rescale)
+    if noise_seed is not None:
+        kw["noise_seed"] = noise_seed
+    else:
+        kw["generator"] = generator
     for i, t in enumerate(scheduler.timesteps):
         model_in = torch.cat([latents, latents]) if guided else latents
         model_in = scheduler.scale_model_input(model_in, t)
         out = call_model(model, model_in, t, cond_kwargs)
         if check_output and i == 0:
             _check_model_output(out, model_in, scheduler)
-        kw = dict(step_kwargs)
-        if guided:
-            kw.update(guidance_scale=guidance_scale, guidance_rescale=guidance_rescale)
-        if noise_seed is not None:
-            kw["noise_seed"] = noise_seed
-        else:
-            kw["generator"] = generator
         latents = scheduler.step(out, t, latents, **kw).prev_sample
         if callback is not None:
             callback(i, t, latents)

@@ -192,6 +192,10 @@ class SchedulerBase:
             )
         return i
 
+    def _check_ready(self) -> None:
+        if self.num_inference_steps is None:
+            raise ValueError("Number of inference steps is None: call `set_timesteps` before `step`")
+
     def _reset_loop_state(self) -> None:
         """Forget per-loop Python state (multistep history) without touching the device tables."""
 
@@ -210,13 +214,6 @@ class SchedulerBase:
             table = torch.from_numpy(host.astype(np.float32)).to(device)
             self._tables[full_key] = table
         return table
-
-    def _host_table(self, key) -> np.ndarray:
-        host = self._tables.get((key, None))
-        if host is None:
-            host = self._coef_table(*key)
-            self._tables[(key, None)] = host
-        return host
 
     def _cached(self, key, make):
         value = self._device_cache.get(key)
@@ -269,6 +266,13 @@ class SchedulerBase:
             return noise
         z = philox_normal(seed, sample[0].numel(), offset, coefs.STREAM_STEP)
         return z.reshape(sample.shape).to(dtype)
+
+    @staticmethod
+    def _add_noise_philox(x, noise_seed):
+        """The Philox noise the add-noise kernels draw for ``noise_seed`` (offset 0, the add-noise stream)."""
+        seeds = as_seed_tensor(noise_seed, x.shape[0], x.device)
+        z = philox_normal(seeds, x[0].numel(), 0, coefs.STREAM_ADD_NOISE)
+        return z.reshape(x.shape).to(x.dtype)
 
     @staticmethod
     def _reference_guided(model_output, guidance_scale, guidance_rescale: float):

@@ -79,10 +79,6 @@ class SigmaSchedulerBase(SchedulerBase):
             )
         return self._step_index
 
-    def _check_ready(self):
-        if self.num_inference_steps is None:
-            raise ValueError("Number of inference steps is None: call `set_timesteps` before `step`")
-
     # ------------------------------------------------------------------ forward noising
 
     def _add_noise_rows(self) -> np.ndarray:
@@ -133,11 +129,7 @@ class SigmaSchedulerBase(SchedulerBase):
         rows = self._add_noise_rows()
         if backend == "reference":
             if noise is None:
-                from ..coefs import STREAM_ADD_NOISE
-                from ..noise import as_seed_tensor, philox_normal
-
-                seeds = as_seed_tensor(noise_seed, x.shape[0], x.device)
-                noise = philox_normal(seeds, x[0].numel(), 0, STREAM_ADD_NOISE).reshape(x.shape).to(x.dtype)
+                noise = self._add_noise_philox(x, noise_seed)
             return self._reference_add_noise(x, noise, index)
         table = self._cached(
             ("add_noise_rows", x.device), lambda: torch.from_numpy(rows.astype(np.float32)).contiguous().to(x.device)

@@ -13,12 +13,10 @@ from ..schedules import (
     TIMESTEP_SPACINGS,
     alphas_cumprod_from_betas,
     check_choice,
-    check_custom_timesteps,
     make_betas,
-    spaced_timesteps,
 )
 from ._base import SchedulerBase, SchedulerOutput
-from .ddpm import PREDICTION_TYPES, _as_timestep_tensor, add_noise_train_timesteps, x0_coefficients
+from .ddpm import PREDICTION_TYPES, _as_timestep_tensor, add_noise_train_timesteps, integer_schedule, x0_coefficients
 
 DDIMSchedulerOutput = SchedulerOutput
 
@@ -78,37 +76,17 @@ class DDIMScheduler(SchedulerBase):
 
     def set_timesteps(self, num_inference_steps: Optional[int] = None, device=None, timesteps=None):
         """Set the inference timesteps (``config.timestep_spacing``), or a custom descending list."""
-        T = self.config.num_train_timesteps
-        if num_inference_steps is not None and timesteps is not None:
-            raise ValueError("pass either `num_inference_steps` or `timesteps`, not both")
-        if timesteps is not None:
-            ts = check_custom_timesteps(timesteps, T)
-            self.custom_timesteps = True
-            self.num_inference_steps = len(ts)
+        ts = integer_schedule(self, num_inference_steps, timesteps)
+        if self.custom_timesteps:
             prev = np.append(ts[1:], -1)
-        else:
-            if num_inference_steps is None:
-                raise ValueError("`num_inference_steps` or `timesteps` is required")
-            ts = spaced_timesteps(T, num_inference_steps, self.config.timestep_spacing, self.config.steps_offset)
-            if ts.max() >= T or ts.min() < 0:
-                raise ValueError(
-                    f"`steps_offset`={self.config.steps_offset} puts timesteps {ts.tolist()[:3]}... outside "
-                    f"[0, num_train_timesteps={T})"
-                )
-            self.custom_timesteps = False
-            self.num_inference_steps = num_inference_steps
-            # diffusers steps by T // n whatever the spacing; reproduced for identical results
-            prev = ts - T // num_inference_steps
+        else:  # diffusers steps by T // n whatever the spacing; reproduced for identical results
+            prev = ts - self.config.num_train_timesteps // num_inference_steps
         self._set_schedule(ts, device)
         self._prev = prev
 
     def previous_timestep(self, timestep):
         i = self.index_for_timestep(timestep)
         return torch.tensor(int(self._prev[i]))
-
-    def _check_ready(self):
-        if self.num_inference_steps is None:
-            raise ValueError("Number of inference steps is None: call `set_timesteps` before `step`")
 
     def _coef_table(self, eta: float, use_clipped_model_output: bool) -> np.ndarray:
         cfg = self.config
@@ -215,13 +193,6 @@ class DDIMScheduler(SchedulerBase):
         if not return_dict:
             return (prev, x0)
         return SchedulerOutput(prev_sample=prev, pred_original_sample=x0)
-
-    def _add_noise_table(self, device) -> torch.Tensor:
-        def make():
-            acp = self.alphas_cumprod.double()
-            return torch.stack([acp.sqrt(), (1 - acp).sqrt()], dim=1).float().contiguous().to(device)
-
-        return self._cached(("add_noise", torch.device(device)), make)
 
     def add_noise(self, original_samples, noise, timesteps, *, noise_seed=None):
         """q(x_t | x_0) in one launch; see ``DDPMScheduler.add_noise``."""

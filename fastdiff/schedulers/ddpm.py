@@ -99,24 +99,7 @@ class DDPMScheduler(SchedulerBase):
         """Set the inference timesteps: ``num_inference_steps`` spaced by ``config.timestep_spacing``, or a
         custom strictly descending list ``timesteps``. The coefficient tables are rebuilt on first use on
         the sample's device."""
-        T = self.config.num_train_timesteps
-        if num_inference_steps is not None and timesteps is not None:
-            raise ValueError("pass either `num_inference_steps` or `timesteps`, not both")
-        if timesteps is not None:
-            ts = check_custom_timesteps(timesteps, T)
-            self.custom_timesteps = True
-            self.num_inference_steps = len(ts)
-        else:
-            if num_inference_steps is None:
-                raise ValueError("`num_inference_steps` or `timesteps` is required")
-            ts = spaced_timesteps(T, num_inference_steps, self.config.timestep_spacing, self.config.steps_offset)
-            if ts.max() >= T or ts.min() < 0:
-                raise ValueError(
-                    f"`steps_offset`={self.config.steps_offset} puts timesteps {ts.tolist()[:3]}... outside "
-                    f"[0, num_train_timesteps={T})"
-                )
-            self.custom_timesteps = False
-            self.num_inference_steps = num_inference_steps
+        ts = integer_schedule(self, num_inference_steps, timesteps)
         self._set_schedule(ts, device)
         self._prev = np.append(ts[1:], -1)
 
@@ -249,13 +232,6 @@ class DDPMScheduler(SchedulerBase):
 
     # ------------------------------------------------------------------ forward process
 
-    def _add_noise_table(self, device) -> torch.Tensor:
-        def make():
-            acp = self.alphas_cumprod.double()
-            return torch.stack([acp.sqrt(), (1 - acp).sqrt()], dim=1).float().contiguous().to(device)
-
-        return self._cached(("add_noise", torch.device(device)), make)
-
     def add_noise(
         self, original_samples: torch.Tensor, noise: Optional[torch.Tensor], timesteps, *, noise_seed=None
     ) -> torch.Tensor:
@@ -270,6 +246,30 @@ class DDPMScheduler(SchedulerBase):
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         return sample
+
+
+def integer_schedule(sched, num_inference_steps, timesteps) -> np.ndarray:
+    """Shared by DDPM and DDIM: the integer timesteps for ``num_inference_steps`` (config spacing and
+    offset) or a validated custom list; sets ``custom_timesteps`` and ``num_inference_steps``."""
+    T = sched.config.num_train_timesteps
+    if num_inference_steps is not None and timesteps is not None:
+        raise ValueError("pass either `num_inference_steps` or `timesteps`, not both")
+    if timesteps is not None:
+        ts = check_custom_timesteps(timesteps, T)
+        sched.custom_timesteps = True
+        sched.num_inference_steps = len(ts)
+        return ts
+    if num_inference_steps is None:
+        raise ValueError("`num_inference_steps` or `timesteps` is required")
+    ts = spaced_timesteps(T, num_inference_steps, sched.config.timestep_spacing, sched.config.steps_offset)
+    if ts.max() >= T or ts.min() < 0:
+        raise ValueError(
+            f"`steps_offset`={sched.config.steps_offset} puts timesteps {ts.tolist()[:3]}... outside "
+            f"[0, num_train_timesteps={T})"
+        )
+    sched.custom_timesteps = False
+    sched.num_inference_steps = num_inference_steps
+    return ts
 
 
 def _as_timestep_tensor(timesteps, sample: torch.Tensor) -> torch.Tensor:
@@ -303,18 +303,19 @@ def add_noise_train_timesteps(sched, original_samples, noise, timesteps, noise_s
     backend = sched._resolve_backend(x.device)
     if backend == "reference":
         if noise is None:
-            from ..noise import as_seed_tensor, philox_normal
-
-            seeds = as_seed_tensor(noise_seed, x.shape[0], x.device)
-            noise = philox_normal(seeds, x[0].numel(), 0, coefs.STREAM_ADD_NOISE).reshape(x.shape).to(x.dtype)
+            noise = sched._add_noise_philox(x, noise_seed)
         return reference.add_noise(sched.alphas_cumprod, x, noise, timesteps)
     from .. import ops
+
+    def table():
+        acp = sched.alphas_cumprod.double()
+        return torch.stack([acp.sqrt(), (1 - acp).sqrt()], dim=1).float().contiguous().to(x.device)
 
     seed = sched._seed_tensor(noise_seed, x.shape[0], x.device) if noise is None else None
     offset = sched._offset_tensor(0, x.device) if noise is None else None
     return ops.add_noise(
         x,
-        sched._add_noise_table(x.device),
+        sched._cached(("add_noise", x.device), table),
         timesteps.to(x.device),
         backend=backend,
         noise=noise,
