@@ -43,17 +43,28 @@ class GraphCaptureError(RuntimeError):
 
 
 @dataclass
+class _Static:
+    """What a captured loop reads: static input buffers and the graph's own scheduler copy (its device tables
+    must outlive the capture, unchanged). Per call, new inputs are copied into these tensors in place."""
+
+    scheduler: object
+    latents: torch.Tensor  # starting noise (used when the caller brings latents)
+    use_latents: torch.Tensor  # () float: 1 -> take `latents`, 0 -> draw from `seeds`
+    seeds: torch.Tensor  # (B,) int64 per-sample seeds
+    guidance: Optional[torch.Tensor]  # (1,) float32
+    kwargs: dict  # conditioning (the doubled batch under guidance)
+    shape: tuple
+    dtype: torch.dtype
+
+
+@dataclass
 class _Entry:
     graph: torch.cuda.CUDAGraph
-    latents: torch.Tensor  # starting noise (used when the caller brings latents)
-    seeds: torch.Tensor  # (B,) int64 per-sample seeds
-    use_latents: torch.Tensor  # () bool-as-float: 1 -> take `latents`, 0 -> draw from `seeds`
-    guidance: Optional[torch.Tensor]  # (1,) float32
-    kwargs: dict  # static conditioning tensors (the doubled batch under guidance)
-    scheduler: object  # this graph's own copy: its device tables must outlive the capture, unchanged
+    static: _Static
     out: torch.Tensor
     capture_seconds: float
-    graph_bytes: int
+    graph_bytes: int  # device memory the capture reserved: the growth of the private pool
+    static_bytes: int  # held by live tensors after capture: static buffers, device tables, the output
     replays: int = 0
 
 
@@ -65,8 +76,9 @@ class GraphSampler:
     ``sampler(model_kwargs=..., uncond_kwargs=..., guidance_scale=7.5)`` returns the final sample.
 
     The first call for a (shape, dtype, steps, guided?, conditioning shapes) key captures a graph
-    (``capture_seconds`` and ``graph_bytes`` in ``stats``); later calls copy the new inputs into the
-    static buffers and replay. The guidance scale lives in a device scalar, so changing it does not
+    (``stats``: ``capture_seconds`` including warm-up, ``graph_bytes`` reserved for the graph's private
+    memory pool, ``static_bytes`` held by its static buffers, tables and output); later calls copy the new
+    inputs into the static buffers and replay. The guidance scale lives in a device scalar, so changing it does not
     recapture. Noise is Philox, drawn in the kernels from per-sample seeds, so each replay with a new
     seed draws fresh noise. ``fallback="eager"`` runs the eager loop with a warning when the model
     cannot be captured; the default ``"error"`` raises :class:`GraphCaptureError`.
@@ -172,7 +184,7 @@ class GraphSampler:
                 warnings.warn(f"fastdiff: running the eager loop instead of a CUDA graph: {exc}", stacklevel=2)
                 self._eager_reason = str(exc)
                 return self._eager(shape, dtype, steps, g, call_kwargs, seeds, latents)
-        self._load(entry, seeds, latents, g, call_kwargs)
+        self._load(entry.static, seeds, latents, g, call_kwargs)
         entry.graph.replay()
         entry.replays += 1
         return entry.out.clone()
@@ -181,6 +193,7 @@ class GraphSampler:
         """Free every captured graph, the private memory pool and the static buffers."""
         self._graphs.clear()
         self._pool = None
+        self._eager_reason = None  # a later call tries the capture again
         self.stats = {}
         if torch.cuda.is_available():
             torch.cuda.synchronize()
@@ -192,49 +205,74 @@ class GraphSampler:
 
     # ------------------------------------------------------------------ internals
 
-    def _run(self, sched, latents_static, use_latents, seeds, guidance, kwargs, shape, dtype):
-        """The captured program: starting noise, then every step. Reads only static buffers and the
-        scheduler's device tables (built before capture)."""
+    def _static_inputs(self, shape, dtype, steps, g, call_kwargs) -> _Static:
+        """Allocate the static buffers and this graph's scheduler copy, with its timesteps set."""
+        dev = self.device
+        sched = copy.deepcopy(self.scheduler)
+        sched.set_timesteps(steps, device=dev)
+        return _Static(
+            scheduler=sched,
+            latents=torch.zeros(shape, device=dev, dtype=dtype),
+            use_latents=torch.zeros((), device=dev),
+            seeds=torch.zeros(shape[0], dtype=torch.int64, device=dev),
+            guidance=torch.tensor([float(g)], device=dev) if g is not None else None,
+            kwargs={k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in call_kwargs.items()},
+            shape=tuple(shape),
+            dtype=dtype,
+        )
+
+    def _run(self, st: _Static) -> torch.Tensor:
+        """The captured program: starting noise, then every step. Reads only the static buffers and the
+        scheduler copy's device tables (built by the first, uncaptured run)."""
+        sched = st.scheduler
         sched._reset_loop_state()
         backend = sched._resolve_backend(self.device)
-        drawn = initial_noise(shape, dtype, self.device, seeds=seeds, backend=backend)
-        x = torch.where(use_latents > 0, latents_static, drawn) * sched.init_noise_sigma
+        drawn = initial_noise(st.shape, st.dtype, self.device, seeds=st.seeds, backend=backend)
+        x = torch.where(st.use_latents > 0, st.latents, drawn) * sched.init_noise_sigma
         return denoise(
             self.model,
             sched,
             x,
-            guidance_scale=guidance,
+            guidance_scale=st.guidance,
             guidance_rescale=self.guidance_rescale,
-            cond_kwargs=kwargs,
-            noise_seed=seeds,
+            cond_kwargs=st.kwargs,
+            noise_seed=st.seeds,
             step_kwargs=self.step_kwargs,
         )
 
+    @staticmethod
+    def _load(st: _Static, seeds, latents, g, call_kwargs) -> None:
+        """Copy this call's inputs into the static buffers (in place: the graph reads these addresses)."""
+        st.seeds.copy_(seeds, non_blocking=True)
+        if latents is not None:
+            st.latents.copy_(latents)
+            st.use_latents.fill_(1.0)
+        else:
+            st.use_latents.fill_(0.0)
+        if st.guidance is not None:
+            st.guidance.fill_(float(g))
+        for k, v in call_kwargs.items():
+            if isinstance(v, torch.Tensor):
+                st.kwargs[k].copy_(v)
+
     def _capture(self, key, shape, dtype, steps, g, call_kwargs) -> _Entry:
         dev = self.device
-        if len(self._graphs) >= self.max_graphs:
-            self._graphs.pop(next(iter(self._graphs)))
         torch.cuda.synchronize(dev)
-        mem0 = torch.cuda.memory_allocated(dev)
+        allocated0 = torch.cuda.memory_allocated(dev)
         t0 = time.perf_counter()
-        latents = torch.randn(shape, device=dev, dtype=dtype)
-        seeds = torch.zeros(shape[0], dtype=torch.int64, device=dev)
-        use_latents = torch.zeros((), device=dev)
-        guidance = torch.tensor([float(g)], device=dev) if g is not None else None
-        kwargs = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in call_kwargs.items()}
-        sched = copy.deepcopy(self.scheduler)
-        sched.set_timesteps(steps, device=dev)
-        args = (sched, latents, use_latents, seeds, guidance, kwargs, shape, dtype)
+        st = self._static_inputs(shape, dtype, steps, g, call_kwargs)
 
+        # warm-up and capture on one side stream: libraries keep per-stream workspaces (cuBLAS), which a
+        # capture on yet another stream would allocate inside this sampler's private pool for good
         side = _side_stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):
-            self._run(*args)  # first pass: compiles kernels, fills the schedulers' device caches
+            self._run(st)  # first pass: compiles kernels, fills the scheduler copy's device caches
             mode = torch.cuda.get_sync_debug_mode()
             torch.cuda.set_sync_debug_mode("error")
             try:
                 for _ in range(max(self.warmup, 1)):
-                    self._run(*args)
+                    self._run(st)
             except RuntimeError as exc:
                 if "synchroniz" in str(exc):
                     raise GraphCaptureError(
@@ -250,40 +288,46 @@ class GraphSampler:
 
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
+        # torch.cuda.graph empties the cache on entry; empty it first so that the growth of reserved memory
+        # across the capture is this graph's share of the private pool
+        torch.cuda.empty_cache()
+        reserved0 = torch.cuda.memory_reserved(dev)
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=self._pool):
-                out = self._run(*args)
+            with torch.cuda.graph(graph, pool=self._pool, stream=side):
+                out = self._run(st)
         except RuntimeError as exc:
             raise GraphCaptureError(f"CUDA graph capture failed: {exc}") from exc
         torch.cuda.synchronize(dev)
         seconds = time.perf_counter() - t0
-        graph_bytes = torch.cuda.memory_allocated(dev) - mem0
-        entry = _Entry(graph, latents, seeds, use_latents, guidance, kwargs, sched, out, seconds, graph_bytes)
+        entry = _Entry(
+            graph,
+            st,
+            out,
+            seconds,
+            graph_bytes=torch.cuda.memory_reserved(dev) - reserved0,
+            static_bytes=torch.cuda.memory_allocated(dev) - allocated0,
+        )
+        while len(self._graphs) >= self.max_graphs:  # evict the oldest only once the new graph exists
+            self._graphs.pop(next(iter(self._graphs)))
         self._graphs[key] = entry
-        self.stats = dict(capture_seconds=seconds, graph_bytes=graph_bytes, graphs=len(self._graphs))
+        self.stats = dict(
+            capture_seconds=seconds,
+            graph_bytes=entry.graph_bytes,
+            static_bytes=entry.static_bytes,
+            graphs=len(self._graphs),
+        )
         logger.info(
-            "fastdiff: captured %d-step loop for %s %s in %.2f s (%.1f MB of graph memory)",
+            "fastdiff: captured %d-step loop for %s %s in %.2f s (%.1f MB reserved for the graph, %.1f MB of "
+            "static buffers)",
             steps,
             shape,
             dtype,
             seconds,
-            graph_bytes / 2**20,
+            entry.graph_bytes / 2**20,
+            entry.static_bytes / 2**20,
         )
         return entry
-
-    def _load(self, entry: _Entry, seeds, latents, g, call_kwargs) -> None:
-        entry.seeds.copy_(seeds, non_blocking=True)
-        if latents is not None:
-            entry.latents.copy_(latents)
-            entry.use_latents.fill_(1.0)
-        else:
-            entry.use_latents.fill_(0.0)
-        if entry.guidance is not None:
-            entry.guidance.fill_(float(g))
-        for k, v in call_kwargs.items():
-            if isinstance(v, torch.Tensor):
-                entry.kwargs[k].copy_(v)
 
     def _eager(self, shape, dtype, steps, g, call_kwargs, seeds, latents):
         sched = self.scheduler

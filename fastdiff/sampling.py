@@ -241,7 +241,8 @@ _MAX_SAMPLERS = 4
 
 def _cached_sampler(model, scheduler, shape, dtype, steps, guidance_scale, guidance_rescale, step_kwargs):
     """GraphSamplers behind ``sample(graph=...)``, reused across calls for the same model, scheduler config
-    and loop options (a capture costs about two eager loops); the oldest of more than four is released."""
+    and loop options (a capture costs about two eager loops). Each keeps its model alive; the oldest of more
+    than four is released, and ``release_cached_samplers()`` frees them all."""
     from .graph import GraphSampler
 
     key = (
@@ -253,15 +254,9 @@ def _cached_sampler(model, scheduler, shape, dtype, steps, guidance_scale, guida
         float(guidance_rescale),
         tuple(sorted((step_kwargs or {}).items())),
     )
-    entry = _SAMPLERS.get(key)
-    if entry is not None and entry[0]() is model:
-        return entry[1]
-    import weakref
-
-    try:
-        ref = weakref.ref(model)
-    except TypeError:  # not weak-referenceable: keep it alive with the sampler
-        ref = lambda: model  # noqa: E731
+    sampler = _SAMPLERS.get(key)
+    if sampler is not None and sampler.model is model:  # id() of a freed model can be reused
+        return sampler
     sampler = GraphSampler(
         model,
         scheduler,
@@ -273,16 +268,18 @@ def _cached_sampler(model, scheduler, shape, dtype, steps, guidance_scale, guida
         step_kwargs=step_kwargs,
         fallback="eager",
     )
+    if key in _SAMPLERS:
+        _SAMPLERS.pop(key).release()
     if len(_SAMPLERS) >= _MAX_SAMPLERS:
-        _SAMPLERS.pop(next(iter(_SAMPLERS)))[1].release()
-    _SAMPLERS[key] = (ref, sampler)
+        _SAMPLERS.pop(next(iter(_SAMPLERS))).release()
+    _SAMPLERS[key] = sampler
     return sampler
 
 
 def release_cached_samplers() -> None:
     """Free the CUDA graphs that ``sample()`` keeps for reuse."""
     while _SAMPLERS:
-        _SAMPLERS.popitem()[1][1].release()
+        _SAMPLERS.popitem()[1].release()
 
 
 @torch.no_grad()
@@ -315,8 +312,10 @@ def sample(
     or ``latents`` (the starting noise, scaled by ``init_noise_sigma``). With ``guidance_scale``, the model
     runs once per step on the doubled batch (``uncond_kwargs`` then ``model_kwargs``) and the guidance
     combine happens inside the fused step. ``graph``: "auto" captures the whole loop as a CUDA graph on
-    CUDA and runs eagerly elsewhere; True requires the graph; False runs eagerly. ``step_kwargs`` go to
-    every ``scheduler.step`` (e.g. ``eta``).
+    CUDA (Philox noise from ``seed``; a fresh seed when none is given) and runs eagerly elsewhere, or when a
+    ``generator`` or ``callback`` is given (a graph has no per-step Python); True requires the graph; False
+    runs eagerly. The graphs are kept for the next call (see ``release_cached_samplers``); a graph run
+    shows no per-step progress. ``step_kwargs`` go to every ``scheduler.step`` (e.g. ``eta``).
     """
     p = prepare(
         model,
@@ -335,12 +334,16 @@ def sample(
     )
     if graph not in ("auto", True, False):
         raise ValueError(f"`graph` must be 'auto', True or False, got {graph!r}")
-    use_graph = graph is True or (graph == "auto" and p["device"].type == "cuda" and generator is None)
+    use_graph = graph is True or (
+        graph == "auto" and p["device"].type == "cuda" and generator is None and callback is None
+    )
     if use_graph:
         if p["device"].type != "cuda":
             raise ValueError(f"`graph=True` needs CUDA tensors; the model runs on {p['device']}")
         if generator is not None:
             raise ValueError("`graph=True` draws noise with Philox: pass `seed` instead of `generator`")
+        if callback is not None:
+            raise ValueError("`graph=True` replays the whole loop at once: a per-step `callback` needs graph=False")
         if seed is None:  # a fresh seed per call, from torch's global (CPU) generator: no device sync
             seed = int(torch.randint(0, 2**62, (1,)).item())
         sampler = _cached_sampler(

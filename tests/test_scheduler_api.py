@@ -40,6 +40,23 @@ def test_config_round_trips(tmp_path, name):
         f.config["beta_schedule"] = "linear"
 
 
+@pytest.mark.parametrize("name", ALL_NAMES)
+def test_copy_and_pickle(name):
+    """GraphSampler gives each graph its own deepcopy of the scheduler; pipelines get pickled and copied."""
+    import copy
+    import pickle
+
+    s = getattr(fastdiff, name)(beta_schedule="scaled_linear", steps_offset=1)
+    s.set_timesteps(7)
+    for other in (copy.deepcopy(s), pickle.loads(pickle.dumps(s))):
+        assert type(other.config) is type(s.config) and dict(other.config) == dict(s.config)
+        assert torch.equal(other.timesteps, s.timesteps)
+        with pytest.raises(TypeError, match="frozen"):
+            other.config["steps_offset"] = 0
+        other.set_timesteps(3)
+        assert len(s.timesteps) == 7, "the copy shares no state with the original"
+
+
 def test_from_config_of_another_scheduler_ignores_its_options():
     ddpm = diffusers.DDPMScheduler(variance_type="fixed_large", clip_sample=False)
     ddim = fastdiff.DDIMScheduler.from_config(ddpm.config, eta_unused=1)

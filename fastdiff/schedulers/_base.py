@@ -32,6 +32,10 @@ class FrozenConfig(dict):
 
     __setitem__ = __delitem__ = update = pop = popitem = setdefault = clear = _immutable
 
+    def __reduce__(self):
+        # copy/pickle rebuild a dict subclass item by item through __setitem__; build it whole instead
+        return (type(self), (dict(self),))
+
 
 @dataclass
 class SchedulerOutput:
