@@ -52,6 +52,7 @@ def measure(benchmark, copy_gbps):
                 row["pct_copy"] = row["GBps"] / copy_gbps * 100
         benchmark.extra_info.update(row)
         ROWS.append(row)
+        _write_results(copy_gbps)  # after every row: a run cut short by a time limit keeps what it measured
         return row
 
     return run
@@ -61,20 +62,29 @@ def _slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def pytest_sessionfinish(session, exitstatus):
+_ENV: dict = {}
+
+
+def _write_results(copy_gbps=None) -> None:
     out = os.environ.get("FASTDIFF_BENCH_RESULTS")
     if not out or not ROWS:
         return
-    env = bench.environment()
-    if CUDA:
-        env["copy_GBps"] = bench.copy_bandwidth(DEVICE)
-    env["date"] = time.strftime("%Y-%m-%d")
+    if not _ENV:
+        _ENV.update(bench.environment(), date=time.strftime("%Y-%m-%d"))
+    env = dict(_ENV)
+    if copy_gbps:
+        env["copy_GBps"] = copy_gbps
     os.makedirs(out, exist_ok=True)
     base = os.path.join(out, _slug(env["device"]))
     with open(base + ".json", "w") as fh:
         json.dump({"environment": env, "results": ROWS}, fh, indent=1, default=str)
     with open(base + ".md", "w") as fh:
         fh.write(markdown(env, ROWS))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    # the copy bandwidth measured again at the end: the roofline is this run's, not a stale figure
+    _write_results(bench.copy_bandwidth(DEVICE) if CUDA and ROWS else None)
 
 
 def markdown(env: dict, rows: list) -> str:

@@ -3,6 +3,7 @@ Writes probe_kernel.json under --out. Used to pick the constants in fastdiff/ker
 
 import argparse
 import json
+import os
 import time
 
 import torch
@@ -128,6 +129,7 @@ def main():
         f"host per launch: impl {res['launch_impl_us']:.1f} us, bare triton launch "
         f"{res['launch_triton_only_us']:.1f} us, torch.add {res['torch_add_us']:.1f} us"
     )
+    os.makedirs(args.out, exist_ok=True)
     with open(f"{args.out}/probe_kernel.json", "w") as fh:
         json.dump(res, fh, indent=1)
 

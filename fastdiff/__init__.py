@@ -1,13 +1,14 @@
 """fastdiff: faster sampling from existing diffusion models, same outputs.
 
-Public API: drop-in schedulers named like diffusers' (``DDPMScheduler``, ``DDIMScheduler``), the
-reference samplers (``fastdiff.reference``) and the custom ops (``fastdiff.ops``).
+Public API: drop-in schedulers named like diffusers' (``DDPMScheduler``, ``DDIMScheduler``, Euler, Euler
+ancestral, DPM-Solver++), the sampling loop (``sample``, ``GraphSampler``), the reference samplers
+(``fastdiff.reference``) and the custom ops (``fastdiff.ops``).
 """
 
 __version__ = "0.1.0"
 
 from .graph import GraphCaptureError, GraphSampler  # noqa: E402
-from .sampling import sample  # noqa: E402
+from .sampling import release_cached_samplers, sample  # noqa: E402
 from .schedulers import (  # noqa: E402
     DDIMScheduler,
     DDPMScheduler,
@@ -27,5 +28,6 @@ __all__ = [
     "GraphSampler",
     "SchedulerOutput",
     "__version__",
+    "release_cached_samplers",
     "sample",
 ]

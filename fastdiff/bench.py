@@ -229,6 +229,10 @@ def cifar10_unet(device, dtype, seed=0):
         attention_head_dim=None,
         dropout=0.0,
         norm_num_groups=32,
+        norm_eps=1e-6,
+        downsample_padding=0,
+        flip_sin_to_cos=False,
+        freq_shift=1,
         resnet_time_scale_shift="default",
     )
     return unet.to(device=device, dtype=dtype).eval()

@@ -30,6 +30,23 @@ def _inner_contiguous(t: Tensor) -> bool:
     return True
 
 
+_CUDA_EXT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def cuda_ext_covers_step(x: Tensor, inputs, outputs) -> bool:
+    """Whether the CUDA extension runs this step exactly as the Triton kernel would. It reads every input
+    in the sample's dtype (another dtype would be rounded to it first) and writes its outputs in one
+    dtype: the sample's, or float32 on either side. Other combinations (Euler's low-precision prev with a
+    float32 x0, a float32 model output for a half-precision sample) run the Triton kernel instead."""
+    if x.dtype not in _CUDA_EXT_DTYPES or any(t is not None and t.dtype != x.dtype for t in inputs):
+        return False
+    out = {t.dtype for t in outputs if t is not None}
+    if len(out) != 1:
+        return False
+    (o,) = out
+    return o in _CUDA_EXT_DTYPES and (o == x.dtype or o == torch.float32 or x.dtype == torch.float32)
+
+
 def as_rows(t: Optional[Tensor]) -> tuple[Optional[Tensor], int]:
     """``t`` addressable as (batch, per-sample elements) with a batch stride, copying only when a
     sample's own elements are not contiguous. Returns (tensor, batch stride)."""
@@ -75,6 +92,8 @@ def _fused_step_impl(
     _, ps = as_rows(prev_out)
     _, x0s = as_rows(x0_out)
     noise_mode = 1 if z is not None else (2 if seed is not None else 0)
+    if backend == "cuda" and not cuda_ext_covers_step(x, (m, z, v, h1, h2), (prev_out, x0_out)):
+        backend = "triton"
     if backend == "triton":
         from .kernels import step as step_kernels
 
@@ -210,6 +229,8 @@ def _add_noise_impl(
     _, os_ = as_rows(out)
     idx_stride = 1 if index.numel() > 1 else 0
     noise_mode = 1 if z is not None else 2
+    if backend == "cuda" and not cuda_ext_covers_step(x, (z,), (out,)):
+        backend = "triton"
     if backend == "triton":
         from .kernels import add_noise as add_noise_kernels
 
@@ -316,6 +337,9 @@ def add_noise(
     stream: int = coefs.STREAM_ADD_NOISE,
 ) -> Tensor:
     out = torch.empty(sample.shape, dtype=sample.dtype, device=sample.device)
+    index = index.reshape(-1)
+    if index.dtype != torch.int64 or not index.is_contiguous():  # both kernels read int64 at stride 1
+        index = index.to(torch.int64).contiguous()
     fn = add_noise_op if _tracing() else _add_noise_impl
     fn(sample, noise, table, index, seed, offset, out, int(stream), backend)
     return out

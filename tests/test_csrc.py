@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import available_backends
+from helpers import assert_lowp
 
 import fastdiff
 from fastdiff import coefs
@@ -46,27 +47,33 @@ CONFIGS = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("name,config,kwargs", CONFIGS)
 @pytest.mark.parametrize("guided", [False, True])
-def test_three_backends_agree(name, config, kwargs, dtype, guided):
+@pytest.mark.parametrize("hw", [(9, 13), (16, 16)])  # odd rows (scalar path) and 16-byte aligned rows (vector path)
+def test_three_backends_agree(name, config, kwargs, dtype, guided, hw):
     if guided and "learned" in config.get("variance_type", ""):
         pytest.skip("guidance does not combine with a learned variance (an error, tested elsewhere)")
     scheds = {b: getattr(fastdiff, name)(**config, backend=b) for b in ("reference", "triton", "cuda")}
-    for s in scheds.values():
+    ref32 = getattr(fastdiff, name)(**config, backend="reference")
+    for s in (*scheds.values(), ref32):
         s.set_timesteps(6, device="cuda")
     channels = 3
+    learned = "learned" in config.get("variance_type", "")
     for t_i in range(6):
-        x = torch.randn(2, channels, 9, 13, device="cuda").to(dtype)
-        mo_channels = channels * (2 if "learned" in config.get("variance_type", "") else 1)
-        m = torch.randn(4 if guided else 2, mo_channels, 9, 13, device="cuda").to(dtype)
-        if "learned" in config.get("variance_type", ""):
+        x = torch.randn(2, channels, *hw, device="cuda").to(dtype)
+        m = torch.randn(4 if guided else 2, channels * (2 if learned else 1), *hw, device="cuda").to(dtype)
+        if learned:
             m[:, channels:] = torch.rand_like(m[:, channels:]) * 2 - 1
         extra = dict(guidance_scale=3.0) if guided else {}
         outs = {b: s.step(m, s.timesteps[t_i], x, noise_seed=[7, 8], **kwargs, **extra) for b, s in scheds.items()}
-        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
-        # triton and cuda compute the same float32 expression: they agree far tighter than the reference
-        close = dict(rtol=2e-6, atol=2e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+        # triton and cuda compute the same float32 expression: they agree to float32 rounding, or to one
+        # rounding of the low-precision output
+        close = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
         torch.testing.assert_close(outs["cuda"].prev_sample, outs["triton"].prev_sample, **close)
         torch.testing.assert_close(outs["cuda"].pred_original_sample, outs["triton"].pred_original_sample, **close)
-        torch.testing.assert_close(outs["cuda"].prev_sample.float(), outs["reference"].prev_sample.float(), **tol)
+        if dtype == torch.float32:
+            torch.testing.assert_close(outs["cuda"].prev_sample, outs["reference"].prev_sample, rtol=1e-5, atol=1e-5)
+        else:  # the reference rounds after every op at low precision: hold cuda to twice its error vs float32
+            want = ref32.step(m.float(), ref32.timesteps[t_i], x.float(), noise_seed=[7, 8], **kwargs, **extra)
+            assert_lowp(outs["cuda"].prev_sample, outs["reference"].prev_sample, want.prev_sample, f"{name} t{t_i}")
 
 
 @needs_ext

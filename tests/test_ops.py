@@ -89,6 +89,40 @@ def test_add_noise_out_of_range_index_gives_nan_not_garbage(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", FAST_CASES)
+@pytest.mark.parametrize("form", ["int32", "strided", "int64"])
+def test_add_noise_index_dtype_and_strides(device, backend, form):
+    x = torch.randn(3, 10, device=device)
+    z = torch.randn_like(x)
+    table = torch.rand(5, 2, device=device)
+    want = torch.tensor([4, 0, 2], device=device)
+    idx = {
+        "int32": want.to(torch.int32),
+        "strided": torch.tensor([4, 1, 0, 1, 2, 1], device=device)[::2],
+        "int64": want,
+    }[form]
+    out = ops.add_noise(x, table, idx, backend=backend, noise=z)
+    expected = table[want, 0, None] * x + table[want, 1, None] * z
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_cuda_extension_coverage():
+    """Dtype combinations the CUDA extension runs exactly as Triton; the rest are routed to Triton."""
+
+    def t(dtype):
+        return torch.empty(1, dtype=dtype)
+
+    f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
+    covers = ops.cuda_ext_covers_step
+    assert covers(t(f16), [t(f16), None], [t(f16), t(f16)])
+    assert covers(t(bf16), [t(bf16)], [t(f32), None])
+    assert covers(t(f32), [t(f32)], [t(bf16), t(bf16)])
+    assert not covers(t(f16), [t(f16)], [t(f16), t(f32)])  # Euler: low-precision prev, float32 x0
+    assert not covers(t(f16), [t(f32)], [t(f16)])  # a float32 model output would be rounded to fp16
+    assert not covers(t(f16), [t(f16)], [t(bf16)])  # no fp16 -> bf16 kernel
+    assert not covers(t(torch.float64), [t(torch.float64)], [t(torch.float64)])
+
+
+@pytest.mark.parametrize("device,backend", FAST_CASES)
 def test_empty_batch(device, backend):
     x = torch.randn(0, 3, 4, device=device)
     prev, x0 = ops.fused_step(x, x, _row(device), backend=backend, out_dtype=torch.float32)
