@@ -4,6 +4,8 @@ a results writer (JSON + markdown per device under $FASTDIFF_BENCH_RESULTS, e.g.
 import json
 import os
 import re
+import signal
+import threading
 import time
 
 import pytest
@@ -23,7 +25,10 @@ def device():
 
 @pytest.fixture(scope="session")
 def copy_gbps():
-    return bench.copy_bandwidth(DEVICE) if CUDA else None
+    """The device-to-device copy bandwidth, measured once per run: every row's roofline share uses it."""
+    value = bench.copy_bandwidth(DEVICE) if CUDA else None
+    _COPY_GBPS.append(value)
+    return value
 
 
 @pytest.fixture
@@ -76,15 +81,20 @@ def _write_results(copy_gbps=None) -> None:
         env["copy_GBps"] = copy_gbps
     os.makedirs(out, exist_ok=True)
     base = os.path.join(out, _slug(env["device"]))
-    with open(base + ".json", "w") as fh:
-        json.dump({"environment": env, "results": ROWS}, fh, indent=1, default=str)
-    with open(base + ".md", "w") as fh:
-        fh.write(markdown(env, ROWS))
+    for path, text in (
+        (base + ".json", json.dumps({"environment": env, "results": ROWS}, indent=1, default=str)),
+        (base + ".md", markdown(env, ROWS)),
+    ):
+        with open(path + ".tmp", "w") as fh:  # whole files only, even when a time limit interrupts the run
+            fh.write(text)
+        os.replace(path + ".tmp", path)
 
 
 def pytest_sessionfinish(session, exitstatus):
-    # the copy bandwidth measured again at the end: the roofline is this run's, not a stale figure
-    _write_results(bench.copy_bandwidth(DEVICE) if CUDA and ROWS else None)
+    _write_results(_COPY_GBPS[0] if _COPY_GBPS else None)
+
+
+_COPY_GBPS: list = []
 
 
 def markdown(env: dict, rows: list) -> str:
@@ -131,3 +141,9 @@ def markdown(env: dict, rows: list) -> str:
                     f"| {setup} |"
                 )
     return "\n".join(lines) + "\n"
+
+
+def pytest_configure(config):
+    # a time limit's SIGTERM (`timeout`, a CI runner) ends the run like Ctrl-C: pytest still prints its summary
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.default_int_handler)

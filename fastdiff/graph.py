@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
 
 from .noise import as_seed_tensor
 from .sampling import as_fastdiff_scheduler, call_model, denoise, doubled_kwargs, initial_noise, model_device
@@ -36,6 +37,20 @@ def _side_stream(device) -> torch.cuda.Stream:
     if stream is None:
         stream = _SIDE_STREAMS[device] = torch.cuda.Stream(device)
     return stream
+
+
+def _structure(kwargs) -> tuple:
+    """What a captured graph depends on in the conditioning: its nesting (SDXL's ``added_cond_kwargs`` is a
+    dict of tensors), each tensor's shape, dtype and device, and every other value. Tensor values do not
+    matter: they are copied into the static buffers per call."""
+    leaves, spec = tree_flatten(kwargs)
+    return (
+        str(spec),
+        tuple(
+            (tuple(v.shape), v.dtype, v.device) if isinstance(v, torch.Tensor) else (type(v).__name__, repr(v))
+            for v in leaves
+        ),
+    )
 
 
 class GraphCaptureError(RuntimeError):
@@ -63,8 +78,8 @@ class _Entry:
     static: _Static
     out: torch.Tensor
     capture_seconds: float
-    graph_bytes: int  # device memory the capture reserved: the growth of the private pool
-    static_bytes: int  # held by live tensors after capture: static buffers, device tables, the output
+    graph_bytes: int  # growth of the sampler's private pool during this capture (graphs share the pool)
+    static_bytes: int  # the static input buffers and the output
     replays: int = 0
 
 
@@ -76,9 +91,10 @@ class GraphSampler:
     ``sampler(model_kwargs=..., uncond_kwargs=..., guidance_scale=7.5)`` returns the final sample.
 
     The first call for a (shape, dtype, steps, guided?, conditioning shapes) key captures a graph
-    (``stats``: ``capture_seconds`` including warm-up, ``graph_bytes`` reserved for the graph's private
-    memory pool, ``static_bytes`` held by its static buffers, tables and output); later calls copy the new
-    inputs into the static buffers and replay. The guidance scale lives in a device scalar, so changing it does not
+    (``stats``: ``capture_seconds`` including warm-up, ``graph_bytes`` by which the capture grew the
+    sampler's private memory pool (later graphs of one sampler reuse it, so theirs can be small),
+    ``static_bytes`` of its static input buffers and output); later calls copy the new inputs into the
+    static buffers and replay. The guidance scale lives in a device scalar, so changing it does not
     recapture. Noise is Philox, drawn in the kernels from per-sample seeds, so each replay with a new
     seed draws fresh noise. ``fallback="eager"`` runs the eager loop with a warning when the model
     cannot be captured; the default ``"error"`` raises :class:`GraphCaptureError`.
@@ -101,6 +117,8 @@ class GraphSampler:
         warmup: int = 1,
         backend: Optional[str] = None,
     ):
+        if int(max_graphs) < 1:
+            raise ValueError(f"`max_graphs` must be at least 1, got {max_graphs!r}")
         if fallback not in ("error", "eager"):
             raise ValueError(f"`fallback` must be 'error' or 'eager', got {fallback!r}")
         if not callable(model):
@@ -156,24 +174,13 @@ class GraphSampler:
             if g is not None
             else dict(model_kwargs or {})
         )
-        for k, v in call_kwargs.items():
-            if isinstance(v, torch.Tensor) and v.device != self.device:
-                call_kwargs[k] = v.to(self.device)
+        call_kwargs = tree_map(lambda v: v.to(self.device) if isinstance(v, torch.Tensor) else v, call_kwargs)
         seeds = as_seed_tensor(seed if seed is not None else 0, shape[0], self.device)
         if latents is not None:
             latents = latents.to(device=self.device, dtype=dtype)
         if self._eager_reason is not None:
             return self._eager(shape, dtype, steps, g, call_kwargs, seeds, latents)
-        key = (
-            shape,
-            dtype,
-            steps,
-            g is not None,
-            tuple(
-                (k, tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else (k, repr(v))
-                for k, v in sorted(call_kwargs.items())
-            ),
-        )
+        key = (shape, dtype, steps, g is not None, _structure(call_kwargs))
         entry = self._graphs.get(key)
         if entry is None:
             try:
@@ -216,7 +223,7 @@ class GraphSampler:
             use_latents=torch.zeros((), device=dev),
             seeds=torch.zeros(shape[0], dtype=torch.int64, device=dev),
             guidance=torch.tensor([float(g)], device=dev) if g is not None else None,
-            kwargs={k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in call_kwargs.items()},
+            kwargs=tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, call_kwargs),
             shape=tuple(shape),
             dtype=dtype,
         )
@@ -251,14 +258,13 @@ class GraphSampler:
             st.use_latents.fill_(0.0)
         if st.guidance is not None:
             st.guidance.fill_(float(g))
-        for k, v in call_kwargs.items():
-            if isinstance(v, torch.Tensor):
-                st.kwargs[k].copy_(v)
+        for dst, src in zip(tree_leaves(st.kwargs), tree_leaves(call_kwargs)):
+            if isinstance(dst, torch.Tensor):
+                dst.copy_(src)
 
     def _capture(self, key, shape, dtype, steps, g, call_kwargs) -> _Entry:
         dev = self.device
         torch.cuda.synchronize(dev)
-        allocated0 = torch.cuda.memory_allocated(dev)
         t0 = time.perf_counter()
         st = self._static_inputs(shape, dtype, steps, g, call_kwargs)
 
@@ -306,7 +312,11 @@ class GraphSampler:
             out,
             seconds,
             graph_bytes=torch.cuda.memory_reserved(dev) - reserved0,
-            static_bytes=torch.cuda.memory_allocated(dev) - allocated0,
+            static_bytes=sum(
+                t.nbytes
+                for t in (st.latents, st.use_latents, st.seeds, st.guidance, out, *tree_leaves(st.kwargs))
+                if isinstance(t, torch.Tensor)
+            ),
         )
         while len(self._graphs) >= self.max_graphs:  # evict the oldest only once the new graph exists
             self._graphs.pop(next(iter(self._graphs)))

@@ -33,18 +33,38 @@ def _inner_contiguous(t: Tensor) -> bool:
 _CUDA_EXT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def cuda_ext_covers_step(x: Tensor, inputs, outputs) -> bool:
-    """Whether the CUDA extension runs this step exactly as the Triton kernel would. It reads every input
-    in the sample's dtype (another dtype would be rounded to it first) and writes its outputs in one
-    dtype: the sample's, or float32 on either side. Other combinations (Euler's low-precision prev with a
-    float32 x0, a float32 model output for a half-precision sample) run the Triton kernel instead."""
-    if x.dtype not in _CUDA_EXT_DTYPES or any(t is not None and t.dtype != x.dtype for t in inputs):
+def cuda_ext_covers_step(x_dtype: torch.dtype, in_dtypes, out_dtypes) -> bool:
+    """Whether the CUDA extension runs a call exactly as the Triton kernel would. It reads every input in
+    the sample's dtype (another dtype would be rounded to it first) and writes its outputs in one dtype:
+    the sample's, or float32 on either side. Other mixes (Euler's half-precision prev with a float32 x0,
+    a float32 model output for a half-precision sample) run the Triton kernel instead."""
+    if x_dtype not in _CUDA_EXT_DTYPES or any(d != x_dtype for d in in_dtypes):
         return False
-    out = {t.dtype for t in outputs if t is not None}
+    out = set(out_dtypes)
     if len(out) != 1:
         return False
     (o,) = out
-    return o in _CUDA_EXT_DTYPES and (o == x.dtype or o == torch.float32 or x.dtype == torch.float32)
+    return o in _CUDA_EXT_DTYPES and (o == x_dtype or o == torch.float32 or x_dtype == torch.float32)
+
+
+def route(backend: str, x_dtype: torch.dtype, in_dtypes, out_dtypes) -> str:
+    """The backend that runs a call requested on ``backend``: "cuda" becomes "triton" where the extension
+    does not cover the dtype mix (:func:`cuda_ext_covers_step`)."""
+    if backend != "cuda" or cuda_ext_covers_step(x_dtype, in_dtypes, out_dtypes):
+        return backend
+    from . import _backend
+
+    if not _backend.triton_available():
+        dtypes = sorted({str(d) for d in (x_dtype, *in_dtypes, *out_dtypes)})
+        raise RuntimeError(
+            f"the CUDA extension does not run this dtype mix ({', '.join(dtypes)}: inputs must share the sample's "
+            "dtype, outputs one dtype) and triton, which does, cannot be imported; pass tensors of one dtype"
+        )
+    return "triton"
+
+
+def _dtypes(*tensors) -> list:
+    return [t.dtype for t in tensors if t is not None]
 
 
 def as_rows(t: Optional[Tensor]) -> tuple[Optional[Tensor], int]:
@@ -92,8 +112,7 @@ def _fused_step_impl(
     _, ps = as_rows(prev_out)
     _, x0s = as_rows(x0_out)
     noise_mode = 1 if z is not None else (2 if seed is not None else 0)
-    if backend == "cuda" and not cuda_ext_covers_step(x, (m, z, v, h1, h2), (prev_out, x0_out)):
-        backend = "triton"
+    backend = route(backend, x.dtype, _dtypes(m, z, v, h1, h2), _dtypes(prev_out, x0_out))
     if backend == "triton":
         from .kernels import step as step_kernels
 
@@ -229,8 +248,7 @@ def _add_noise_impl(
     _, os_ = as_rows(out)
     idx_stride = 1 if index.numel() > 1 else 0
     noise_mode = 1 if z is not None else 2
-    if backend == "cuda" and not cuda_ext_covers_step(x, (z,), (out,)):
-        backend = "triton"
+    backend = route(backend, x.dtype, _dtypes(z), [out.dtype])
     if backend == "triton":
         from .kernels import add_noise as add_noise_kernels
 

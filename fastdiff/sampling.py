@@ -35,28 +35,31 @@ def call_model(model, x: torch.Tensor, t: torch.Tensor, kwargs: dict) -> torch.T
 
 def doubled_kwargs(uncond_kwargs: dict, model_kwargs: dict, batch: int) -> dict:
     """The model kwargs for one call on the (unconditional, conditional) doubled batch: tensors whose
-    first dimension is the batch are concatenated (unconditional first); other values must agree."""
-    if set(uncond_kwargs) != set(model_kwargs):
-        raise ValueError(
-            f"`uncond_kwargs` keys {sorted(uncond_kwargs)} must match `model_kwargs` keys {sorted(model_kwargs)}"
-        )
-    out = {}
-    for k, cond in model_kwargs.items():
-        unc = uncond_kwargs[k]
-        if isinstance(cond, torch.Tensor) != isinstance(unc, torch.Tensor):
-            raise TypeError(f"`model_kwargs[{k!r}]` and `uncond_kwargs[{k!r}]` must both be tensors or neither")
-        if isinstance(cond, torch.Tensor):
-            for name, v in ((f"model_kwargs[{k!r}]", cond), (f"uncond_kwargs[{k!r}]", unc)):
-                if v.ndim == 0 or v.shape[0] != batch:
-                    raise ValueError(
-                        f"`{name}` has shape {tuple(v.shape)}; expected a leading batch dimension of {batch}"
-                    )
-            out[k] = torch.cat([unc, cond])
-        else:
-            if unc != cond:
-                raise ValueError(f"non-tensor `{k}` differs between `uncond_kwargs` and `model_kwargs`")
-            out[k] = cond
-    return out
+    first dimension is the batch are concatenated (unconditional first), also inside nested dicts, lists
+    and tuples (SDXL's ``added_cond_kwargs``); other values must agree."""
+    return _doubled(uncond_kwargs, model_kwargs, batch, "")
+
+
+def _doubled(unc, cond, batch: int, path: str):
+    names = f"`model_kwargs{path}` and `uncond_kwargs{path}`"
+    if isinstance(cond, torch.Tensor) or isinstance(unc, torch.Tensor):
+        if not (isinstance(cond, torch.Tensor) and isinstance(unc, torch.Tensor)):
+            raise TypeError(f"{names} must both be tensors or neither")
+        for name, v in ((f"model_kwargs{path}", cond), (f"uncond_kwargs{path}", unc)):
+            if v.ndim == 0 or v.shape[0] != batch:
+                raise ValueError(f"`{name}` has shape {tuple(v.shape)}; expected a leading batch dimension of {batch}")
+        return torch.cat([unc, cond])
+    if isinstance(cond, dict) and isinstance(unc, dict):
+        if set(unc) != set(cond):
+            raise ValueError(
+                f"`uncond_kwargs{path}` keys {sorted(unc)} must match `model_kwargs{path}` keys {sorted(cond)}"
+            )
+        return {k: _doubled(unc[k], v, batch, f"{path}[{k!r}]") for k, v in cond.items()}
+    if isinstance(cond, (list, tuple)) and type(unc) is type(cond) and len(unc) == len(cond):
+        return type(cond)(_doubled(u, c, batch, f"{path}[{i}]") for i, (u, c) in enumerate(zip(unc, cond)))
+    if type(unc) is not type(cond) or unc != cond:
+        raise ValueError(f"non-tensor {names} differ: {unc!r} vs {cond!r}")
+    return cond
 
 
 def model_dtype(model, default=torch.float32) -> torch.dtype:
@@ -255,7 +258,7 @@ def _cached_sampler(model, scheduler, shape, dtype, steps, guidance_scale, guida
         tuple(sorted((step_kwargs or {}).items())),
     )
     sampler = _SAMPLERS.get(key)
-    if sampler is not None and sampler.model is model:  # id() of a freed model can be reused
+    if sampler is not None:  # its model is alive (the sampler holds it), so id(model) names it
         return sampler
     sampler = GraphSampler(
         model,
@@ -268,8 +271,6 @@ def _cached_sampler(model, scheduler, shape, dtype, steps, guidance_scale, guida
         step_kwargs=step_kwargs,
         fallback="eager",
     )
-    if key in _SAMPLERS:
-        _SAMPLERS.pop(key).release()
     if len(_SAMPLERS) >= _MAX_SAMPLERS:
         _SAMPLERS.pop(next(iter(_SAMPLERS))).release()
     _SAMPLERS[key] = sampler

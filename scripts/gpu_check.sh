@@ -6,8 +6,8 @@
 #   tests: the suite on CUDA; bench: pytest-benchmark suites (results JSON + markdown in $OUT);
 #   quick: `fastdiff bench` (a representative subset); all: tests then bench.
 # FASTDIFF_CUDA_ARCHS defaults to 9.0 here (the GPU at hand) to keep the build short. Time limits
-# (TEST_TIMEOUT 270 s, BENCH_TIMEOUT 200 s) send SIGINT, so pytest still prints its summary; the benchmark
-# results files are rewritten after every measured row.
+# (TEST_TIMEOUT 270 s, BENCH_TIMEOUT 200 s) send SIGTERM, which the conftests turn into Ctrl-C, so pytest
+# still prints its summary; the benchmark results files are rewritten after every measured row.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
@@ -37,7 +37,7 @@ python3 -m fastdiff doctor 2>&1 | tee -a "$OUT/summary.txt" || true
 
 if [[ $what == all || $what == tests ]]; then
   t0=$(date +%s)
-  timeout -s INT -k 20 "${TEST_TIMEOUT:-270}" python3 -m pytest -q --maxfail=30 --durations=15 -p no:cacheprovider -p no:warnings \
+  timeout -k 20 "${TEST_TIMEOUT:-270}" python3 -m pytest -q --maxfail=30 --durations=15 -p no:cacheprovider -p no:warnings \
     tests > "$OUT/tests.log" 2>&1
   rc=$?
   log "tests rc=$rc in $(( $(date +%s) - t0 ))s: $(tail -1 "$OUT/tests.log")"
@@ -47,7 +47,7 @@ if [[ $what == quick ]]; then
 fi
 if [[ $what == all || $what == bench ]]; then
   t0=$(date +%s)
-  FASTDIFF_BENCH_RESULTS="$OUT" FASTDIFF_BENCH_QUICK=${FASTDIFF_BENCH_QUICK:-1} timeout -s INT -k 20 "${BENCH_TIMEOUT:-200}" \
+  FASTDIFF_BENCH_RESULTS="$OUT" FASTDIFF_BENCH_QUICK=${FASTDIFF_BENCH_QUICK:-1} timeout -k 20 "${BENCH_TIMEOUT:-200}" \
     python3 -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider -p no:warnings \
     --benchmark-columns=median,iqr,rounds > "$OUT/bench.log" 2>&1
   log "bench rc=$? in $(( $(date +%s) - t0 ))s"

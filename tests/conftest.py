@@ -2,6 +2,8 @@
 any kernel module is imported, since triton.jit reads TRITON_INTERPRET at decoration time)."""
 
 import os
+import signal
+import threading
 
 import torch
 
@@ -34,3 +36,9 @@ def _no_tf32():
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     yield
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def pytest_configure(config):
+    # a time limit's SIGTERM (`timeout`, a CI runner) ends the run like Ctrl-C: pytest still prints its summary
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.default_int_handler)

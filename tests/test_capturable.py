@@ -1,10 +1,13 @@
-"""The program GraphSampler captures, checked on any device: it reads nothing back to the host, and a second
-run of it (the one a capture records, after the warm-up) gives exactly what the eager ``sample`` gives.
+"""The program GraphSampler captures, checked on any device: no Python-level host read runs inside it, and
+a second run of it (the one a capture records, after the warm-up) gives exactly what the eager ``sample``
+gives, also after new inputs are loaded into its static buffers as between replays.
 
 On CUDA a host read inside the loop (``.item()``, ``.tolist()``, a branch on a tensor, ...) is a device sync,
 which would break the capture and stall the eager loop; here every Python-level host read of a tensor raises
 while the loop body runs. The Triton interpreter reads its arguments on the host by design, so the guard is
-lifted inside a kernel launch (on a GPU that launch is one asynchronous ``cuLaunchKernel``).
+lifted inside a kernel launch (on a GPU that launch is one asynchronous ``cuLaunchKernel``). Syncs inside
+PyTorch's C++ (``nonzero``, boolean-mask indexing) are invisible to this guard; on CUDA the guard also turns
+on ``torch.cuda.set_sync_debug_mode("error")``, as GraphSampler's own warm-up does.
 """
 
 import contextlib
@@ -66,9 +69,14 @@ def no_host_reads():
     for mod in (step_kernels, add_noise_kernels):
         saved[(mod, "launch")] = mod.launch
         mod.launch = unguarded(mod.launch)
+    mode = torch.cuda.get_sync_debug_mode() if torch.cuda.is_available() else None
+    if mode is not None:
+        torch.cuda.set_sync_debug_mode("error")
     try:
         yield
     finally:
+        if mode is not None:
+            torch.cuda.set_sync_debug_mode(mode)
         for (owner, name), value in saved.items():
             if value is None:
                 delattr(owner, name)
@@ -161,18 +169,42 @@ def test_loop_body_reads_nothing_back_and_reruns_exactly(device, backend, name):
     assert torch.equal(third, eager_new), f"{name}: new seeds in the static buffer differ from eager sample()"
 
 
+class NestedCondModel(TinyCondModel):
+    """Conditioning nested like SDXL's ``added_cond_kwargs``: a dict of tensors inside the kwargs."""
+
+    def forward(self, x, t, encoder_hidden_states=None, added_cond_kwargs=None):
+        out = super().forward(x, t, encoder_hidden_states)
+        return out + added_cond_kwargs["bias"][:, :, None, None]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["ddim", "dpm++2m", "euler-a"])
 def test_guided_loop_with_latents_reads_nothing_back(device, name):
-    """Latents, guidance scale and conditioning changed through the static buffers, as between replays."""
+    """Latents, guidance scale and (nested) conditioning changed through the static buffers, as between
+    replays, with the graph key unchanged."""
+    from fastdiff.graph import _structure
+    from fastdiff.sampling import doubled_kwargs
+
     backend = (available_backends(device) or ["reference"])[0]
     make, step_kwargs = SCHEDULERS[name]
     torch.manual_seed(0)
-    model = TinyCondModel(channels=2).to(device).eval()
+    model = NestedCondModel(channels=2).to(device).eval()
     shape, steps = (2, 2, 6, 5), 5
-    uncond = torch.zeros(2, 3, 5, device=device)
-    calls = [(torch.randn(shape, device=device), 3.0, torch.randn(2, 3, 5, device=device)) for _ in range(2)]
-    calls[1] = (calls[1][0], 1.5, calls[1][2])
+    uncond = {
+        "encoder_hidden_states": torch.zeros(2, 3, 5, device=device),
+        "added_cond_kwargs": {"bias": torch.zeros(2, 2, device=device)},
+    }
+
+    def cond_kwargs():
+        return {
+            "encoder_hidden_states": torch.randn(2, 3, 5, device=device),
+            "added_cond_kwargs": {"bias": torch.randn(2, 2, device=device)},
+        }
+
+    calls = [
+        (torch.randn(shape, device=device), 3.0, cond_kwargs()),
+        (torch.randn(shape, device=device), 1.5, cond_kwargs()),
+    ]
     sampler = GraphSampler(
         model,
         make(),
@@ -185,16 +217,15 @@ def test_guided_loop_with_latents_reads_nothing_back(device, name):
         device=device,
         backend=backend,
     )
-
-    def doubled(cond):
-        return {"encoder_hidden_states": torch.cat([uncond, cond])}
-
     with torch.no_grad():
-        st = sampler._static_inputs(shape, torch.float32, steps, 3.0, doubled(calls[0][2]))
-        sampler._load(st, _seeds(7, device), calls[0][0], 3.0, doubled(calls[0][2]))
+        first = doubled_kwargs(uncond, calls[0][2], shape[0])
+        st = sampler._static_inputs(shape, torch.float32, steps, 3.0, first)
+        sampler._load(st, _seeds(7, device), calls[0][0], 3.0, first)
         sampler._run(st)
         for latents, g, cond in calls:
-            sampler._load(st, _seeds(7, device), latents, g, doubled(cond))
+            doubled = doubled_kwargs(uncond, cond, shape[0])
+            assert _structure(doubled) == _structure(first), "new conditioning values must not need a new graph"
+            sampler._load(st, _seeds(7, device), latents, g, doubled)
             with no_host_reads():
                 got = sampler._run(st)
             eager = _sample(
@@ -208,7 +239,29 @@ def test_guided_loop_with_latents_reads_nothing_back(device, name):
                 latents=latents,
                 guidance_scale=g,
                 guidance_rescale=0.5,
-                model_kwargs={"encoder_hidden_states": cond},
-                uncond_kwargs={"encoder_hidden_states": uncond},
+                model_kwargs=cond,
+                uncond_kwargs=uncond,
             )
             assert torch.equal(got, eager), f"guided {name}, scale {g}: the captured program differs from eager"
+    assert _structure(doubled_kwargs(uncond, cond, 2)) != _structure(
+        {"encoder_hidden_states": doubled["encoder_hidden_states"]}
+    )
+
+
+def test_doubled_kwargs_nested_and_errors():
+    from fastdiff.sampling import doubled_kwargs
+
+    c = {"e": torch.ones(2, 3), "add": {"t": torch.ones(2, 4), "ids": [torch.ones(2, 1), 5]}, "flag": True}
+    u = {"e": torch.zeros(2, 3), "add": {"t": torch.zeros(2, 4), "ids": [torch.zeros(2, 1), 5]}, "flag": True}
+    d = doubled_kwargs(u, c, 2)
+    assert d["e"].shape == (4, 3) and d["e"][:2].eq(0).all() and d["e"][2:].eq(1).all()
+    assert d["add"]["t"].shape == (4, 4) and d["add"]["ids"][0].shape == (4, 1) and d["add"]["ids"][1] == 5
+    assert d["flag"] is True
+    with pytest.raises(ValueError, match=r"`uncond_kwargs\['add'\]` keys"):
+        doubled_kwargs({**u, "add": {"t": u["add"]["t"]}}, c, 2)
+    with pytest.raises(ValueError, match=r"`model_kwargs\['add'\]\['t'\]` has shape \(3, 4\)"):
+        doubled_kwargs(u, {**c, "add": {**c["add"], "t": torch.ones(3, 4)}}, 2)
+    with pytest.raises(TypeError, match=r"`model_kwargs\['e'\]` and `uncond_kwargs\['e'\]` must both be tensors"):
+        doubled_kwargs({**u, "e": None}, c, 2)
+    with pytest.raises(ValueError, match=r"non-tensor .*\['flag'\].* differ"):
+        doubled_kwargs({**u, "flag": False}, c, 2)

@@ -113,7 +113,9 @@ def test_new_shape_recaptures_and_release_frees_memory():
     sampler(seed=0, num_inference_steps=7)
     assert sampler.num_graphs == 3
     assert torch.cuda.memory_allocated() > base
-    assert all(e.graph_bytes >= 0 for e in sampler._graphs.values()) and sampler.stats["static_bytes"] > 0
+    first_entry = next(iter(sampler._graphs.values()))
+    assert first_entry.graph_bytes > 0, "the first capture into a fresh private pool reserves memory"
+    assert first_entry.static_bytes == 2 * (2 * 3 * 8 * 8 * 4) + 4 + 2 * 8  # latents + output, flag, seeds
     sampler.release()
     del sampler
     gc.collect()

@@ -106,20 +106,19 @@ def test_add_noise_index_dtype_and_strides(device, backend, form):
 
 
 def test_cuda_extension_coverage():
-    """Dtype combinations the CUDA extension runs exactly as Triton; the rest are routed to Triton."""
-
-    def t(dtype):
-        return torch.empty(1, dtype=dtype)
-
+    """Dtype mixes the CUDA extension runs exactly as Triton; the rest are routed to Triton."""
     f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
     covers = ops.cuda_ext_covers_step
-    assert covers(t(f16), [t(f16), None], [t(f16), t(f16)])
-    assert covers(t(bf16), [t(bf16)], [t(f32), None])
-    assert covers(t(f32), [t(f32)], [t(bf16), t(bf16)])
-    assert not covers(t(f16), [t(f16)], [t(f16), t(f32)])  # Euler: low-precision prev, float32 x0
-    assert not covers(t(f16), [t(f32)], [t(f16)])  # a float32 model output would be rounded to fp16
-    assert not covers(t(f16), [t(f16)], [t(bf16)])  # no fp16 -> bf16 kernel
-    assert not covers(t(torch.float64), [t(torch.float64)], [t(torch.float64)])
+    assert covers(f16, [f16], [f16, f16])
+    assert covers(bf16, [bf16], [f32])
+    assert covers(f32, [f32], [bf16, bf16])
+    assert not covers(f16, [f16], [f16, f32])  # Euler: low-precision prev, float32 x0
+    assert not covers(f16, [f32], [f16])  # a float32 model output would be rounded to fp16
+    assert not covers(f16, [f16], [bf16])  # no fp16 -> bf16 kernel
+    assert not covers(torch.float64, [torch.float64], [torch.float64])
+    assert ops.route("cuda", f16, [f16], [f16, f32]) == "triton"
+    assert ops.route("cuda", f16, [f16], [f16]) == "cuda"
+    assert ops.route("triton", f16, [f32], [f16, f32]) == "triton"
 
 
 @pytest.mark.parametrize("device,backend", FAST_CASES)

@@ -216,3 +216,20 @@ def test_ddpm_learned_variance_needs_doubled_channels():
     x = torch.randn(1, 3, 4, 4)
     with pytest.raises(ValueError, match=r"expected \(1, 6, 4, 4\)"):
         f.step(torch.randn(1, 3, 4, 4), f.timesteps[0], x)
+
+
+def test_last_backend_names_the_kernel_that_ran(monkeypatch):
+    """With backend "cuda", dtype mixes the extension does not cover run (and are reported) as Triton."""
+    from fastdiff import ops
+
+    monkeypatch.setattr(ops, "fused_step", lambda *args, **kwargs: (None, None))
+    s = fastdiff.EulerDiscreteScheduler()
+    x = torch.zeros(1, 2, dtype=torch.float16)
+    s._fused("cuda", None, x, x, out_dtype=torch.float16, x0_dtype=torch.float32)  # Euler's fp16 prev, fp32 x0
+    assert s.last_backend == "triton"
+    s._fused("cuda", None, x, x, out_dtype=torch.float16)
+    assert s.last_backend == "cuda"
+    s._fused("cuda", None, x, x.float(), out_dtype=torch.float16)  # a float32 model output
+    assert s.last_backend == "triton"
+    assert s._add_noise_backend("cuda", x, x.float()) == "triton" == s.last_backend
+    assert s._add_noise_backend("cuda", x, None) == "cuda"

@@ -327,6 +327,15 @@ class SchedulerBase:
         self.last_backend = backend
         return backend
 
+    def _add_noise_backend(self, backend: str, x: torch.Tensor, noise) -> str:
+        """The backend add_noise runs on (recorded in ``last_backend``): noise of another dtype than the
+        sample goes to Triton rather than being rounded by the CUDA extension."""
+        if backend == "cuda":
+            backend = self.last_backend = ops.route(
+                backend, x.dtype, [noise.dtype] if noise is not None else [], [x.dtype]
+            )
+        return backend
+
     def _draw_noise(self, shape, generator, device, dtype, noise_seed, variance_noise, batch, i):
         """Returns (noise tensor or None, seed tensor or None, offset tensor or None)."""
         if variance_noise is not None:
@@ -363,6 +372,10 @@ class SchedulerBase:
     ):
         """One fused step with this scheduler's clipping/thresholding. Dynamic thresholding needs the
         per-sample quantile of |x0| first: a pass that writes only x0, then torch.quantile."""
+        if backend == "cuda":  # say which kernel runs: the extension hands some dtype mixes to Triton
+            outs = [out_dtype] + ([x0_out.dtype if x0_out is not None else x0_dtype or out_dtype] if write_x0 else [])
+            ins = [t.dtype for t in (model_output, noise, var, *hist) if t is not None]
+            self.last_backend = ops.route(backend, sample.dtype, ins, outs)
         thresh = None
         common = dict(backend=backend, noise=noise, seed=seed, offset=offset, guidance=guidance, mscale=mscale)
         if thresholding:

@@ -317,7 +317,7 @@ def add_noise_train_timesteps(sched, original_samples, noise, timesteps, noise_s
         x,
         sched._cached(("add_noise", x.device), table),
         timesteps.to(x.device),
-        backend=backend,
+        backend=sched._add_noise_backend(backend, x, noise),
         noise=noise,
         seed=seed,
         offset=offset,
