@@ -26,9 +26,7 @@ def device():
 @pytest.fixture(scope="session")
 def copy_gbps():
     """The device-to-device copy bandwidth, measured once per run: every row's roofline share uses it."""
-    value = bench.copy_bandwidth(DEVICE) if CUDA else None
-    _COPY_GBPS.append(value)
-    return value
+    return bench.copy_bandwidth(DEVICE) if CUDA else None
 
 
 @pytest.fixture
@@ -70,7 +68,8 @@ def _slug(name: str) -> str:
 _ENV: dict = {}
 
 
-def _write_results(copy_gbps=None) -> None:
+def _write_results(copy_gbps) -> None:
+    """Rewrite this device's JSON and markdown with every row so far (called after each measurement)."""
     out = os.environ.get("FASTDIFF_BENCH_RESULTS")
     if not out or not ROWS:
         return
@@ -88,13 +87,6 @@ def _write_results(copy_gbps=None) -> None:
         with open(path + ".tmp", "w") as fh:  # whole files only, even when a time limit interrupts the run
             fh.write(text)
         os.replace(path + ".tmp", path)
-
-
-def pytest_sessionfinish(session, exitstatus):
-    _write_results(_COPY_GBPS[0] if _COPY_GBPS else None)
-
-
-_COPY_GBPS: list = []
 
 
 def markdown(env: dict, rows: list) -> str:

@@ -112,7 +112,6 @@ def _fused_step_impl(
     _, ps = as_rows(prev_out)
     _, x0s = as_rows(x0_out)
     noise_mode = 1 if z is not None else (2 if seed is not None else 0)
-    backend = route(backend, x.dtype, _dtypes(m, z, v, h1, h2), _dtypes(prev_out, x0_out))
     if backend == "triton":
         from .kernels import step as step_kernels
 
@@ -184,6 +183,7 @@ def fused_step_op(
 ) -> None:
     """One generic scheduler step (see ``fastdiff.coefs`` for the formula). Writes ``prev_out`` and/or
     ``x0_out``; ``model_output`` holds 2B samples (unconditional first) when ``guidance`` is given."""
+    backend = route(backend, sample.dtype, _dtypes(model_output, noise, var, hist1, hist2), _dtypes(prev_out, x0_out))
     _fused_step_impl(
         sample,
         model_output,
@@ -248,7 +248,6 @@ def _add_noise_impl(
     _, os_ = as_rows(out)
     idx_stride = 1 if index.numel() > 1 else 0
     noise_mode = 1 if z is not None else 2
-    backend = route(backend, x.dtype, _dtypes(z), [out.dtype])
     if backend == "triton":
         from .kernels import add_noise as add_noise_kernels
 
@@ -276,6 +275,7 @@ def add_noise_op(
     """out[b] = table[index[b], 0] * sample[b] + table[index[b], 1] * z[b], with z = ``noise`` or Philox
     normals from (seed[b], offset, stream). ``index`` has 1 or B entries; an index outside the table
     gives NaN for that sample instead of reading out of bounds."""
+    backend = route(backend, sample.dtype, _dtypes(noise), [out.dtype])
     _add_noise_impl(sample, noise, table, index, seed, offset, out, stream, backend)
 
 
@@ -309,9 +309,11 @@ def fused_step(
     clip_range: float = 0.0,
     var_mode: int = coefs.VAR_FIXED,
     x0_out: Optional[Tensor] = None,
+    routed: bool = False,
 ) -> tuple[Optional[Tensor], Optional[Tensor]]:
     """Allocate the outputs and run one fused step. Returns (prev_sample, pred_original_sample);
-    either is None when not asked for. ``hist`` holds up to two previous x0 tensors."""
+    either is None when not asked for. ``hist`` holds up to two previous x0 tensors. ``routed``: the
+    caller already passed ``backend`` through :func:`route` (schedulers do, to report it)."""
     shape, device = sample.shape, sample.device
     prev = torch.empty(shape, dtype=out_dtype, device=device) if write_prev else None
     if write_x0 and x0_out is None:
@@ -320,7 +322,12 @@ def fused_step(
         x0_out = None
     h1 = hist[0] if len(hist) > 0 else None
     h2 = hist[1] if len(hist) > 1 else None
-    fn = fused_step_op if _tracing() else _fused_step_impl
+    if _tracing():  # the op routes each call itself
+        fn = fused_step_op
+    else:
+        fn = _fused_step_impl
+        if not routed:
+            backend = route(backend, sample.dtype, _dtypes(model_output, noise, var, h1, h2), _dtypes(prev, x0_out))
     fn(
         sample,
         model_output,
@@ -353,11 +360,17 @@ def add_noise(
     seed: Optional[Tensor] = None,
     offset: Optional[Tensor] = None,
     stream: int = coefs.STREAM_ADD_NOISE,
+    routed: bool = False,
 ) -> Tensor:
     out = torch.empty(sample.shape, dtype=sample.dtype, device=sample.device)
     index = index.reshape(-1)
     if index.dtype != torch.int64 or not index.is_contiguous():  # both kernels read int64 at stride 1
         index = index.to(torch.int64).contiguous()
-    fn = add_noise_op if _tracing() else _add_noise_impl
+    if _tracing():  # the op routes each call itself
+        fn = add_noise_op
+    else:
+        fn = _add_noise_impl
+        if not routed:
+            backend = route(backend, sample.dtype, _dtypes(noise), [out.dtype])
     fn(sample, noise, table, index, seed, offset, out, int(stream), backend)
     return out

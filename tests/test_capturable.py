@@ -21,6 +21,7 @@ import fastdiff
 from fastdiff.graph import GraphSampler
 from fastdiff.kernels import add_noise as add_noise_kernels
 from fastdiff.kernels import step as step_kernels
+from fastdiff.noise import as_seed_tensor
 
 HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__")
 
@@ -110,15 +111,11 @@ def test_guard_catches_a_model_that_reads_back():
         sampler._run(st)
 
 
-def _seeds(first, device):
-    return torch.tensor([first, first + 1], dtype=torch.int64, device=device)
-
-
 def _sample(model, make, device, backend, steps, step_kwargs, seed, **kw):
     return fastdiff.sample(
         model,
         make(),
-        seed=_seeds(seed, device),
+        seed=seed,  # seeds seed, seed + 1: what the static buffer holds after _load(as_seed_tensor(seed))
         num_inference_steps=steps,
         step_kwargs=step_kwargs,
         graph=False,
@@ -154,11 +151,11 @@ def test_loop_body_reads_nothing_back_and_reruns_exactly(device, backend, name):
     with torch.no_grad():
         st = sampler._static_inputs(shape, torch.float32, steps, None, {})
         assert st.scheduler is not sched and sched.num_inference_steps is None  # the user's scheduler is untouched
-        sampler._load(st, _seeds(7, device), None, None, {})
+        sampler._load(st, as_seed_tensor(7, 2, device), None, None, {})
         first = sampler._run(st)  # the warm-up: compiles, fills the scheduler copy's device tables
         with no_host_reads():
             second = sampler._run(st)  # what a capture records
-        sampler._load(st, _seeds(20, device), None, None, {})
+        sampler._load(st, as_seed_tensor(20, 2, device), None, None, {})
         with no_host_reads():
             third = sampler._run(st)
         eager = _sample(model, make, device, backend, steps, step_kwargs, 7, shape=shape)
@@ -220,12 +217,12 @@ def test_guided_loop_with_latents_reads_nothing_back(device, name):
     with torch.no_grad():
         first = doubled_kwargs(uncond, calls[0][2], shape[0])
         st = sampler._static_inputs(shape, torch.float32, steps, 3.0, first)
-        sampler._load(st, _seeds(7, device), calls[0][0], 3.0, first)
+        sampler._load(st, as_seed_tensor(7, 2, device), calls[0][0], 3.0, first)
         sampler._run(st)
         for latents, g, cond in calls:
             doubled = doubled_kwargs(uncond, cond, shape[0])
             assert _structure(doubled) == _structure(first), "new conditioning values must not need a new graph"
-            sampler._load(st, _seeds(7, device), latents, g, doubled)
+            sampler._load(st, as_seed_tensor(7, 2, device), latents, g, doubled)
             with no_host_reads():
                 got = sampler._run(st)
             eager = _sample(

@@ -328,8 +328,8 @@ class SchedulerBase:
         return backend
 
     def _add_noise_backend(self, backend: str, x: torch.Tensor, noise) -> str:
-        """The backend add_noise runs on (recorded in ``last_backend``): noise of another dtype than the
-        sample goes to Triton rather than being rounded by the CUDA extension."""
+        """The backend add_noise runs on (recorded in ``last_backend``; pass it with ``routed=True``): noise
+        of another dtype than the sample goes to Triton rather than being rounded by the CUDA extension."""
         if backend == "cuda":
             backend = self.last_backend = ops.route(
                 backend, x.dtype, [noise.dtype] if noise is not None else [], [x.dtype]
@@ -372,12 +372,15 @@ class SchedulerBase:
     ):
         """One fused step with this scheduler's clipping/thresholding. Dynamic thresholding needs the
         per-sample quantile of |x0| first: a pass that writes only x0, then torch.quantile."""
-        if backend == "cuda":  # say which kernel runs: the extension hands some dtype mixes to Triton
+        if backend == "cuda":  # routed once here, to say which kernel runs (some dtype mixes go to Triton)
             outs = [out_dtype] + ([x0_out.dtype if x0_out is not None else x0_dtype or out_dtype] if write_x0 else [])
             ins = [t.dtype for t in (model_output, noise, var, *hist) if t is not None]
-            self.last_backend = ops.route(backend, sample.dtype, ins, outs)
+            backend = self.last_backend = ops.route(backend, sample.dtype, ins, outs)
         thresh = None
-        common = dict(backend=backend, noise=noise, seed=seed, offset=offset, guidance=guidance, mscale=mscale)
+        # the thresholding pass writes a float32 x0 only, which every backend the route can pick runs exactly
+        common = dict(
+            backend=backend, routed=True, noise=noise, seed=seed, offset=offset, guidance=guidance, mscale=mscale
+        )
         if thresholding:
             _, raw = ops.fused_step(sample, model_output, coef, out_dtype=torch.float32, write_prev=False, **common)
             ratio, max_value = self.config.dynamic_thresholding_ratio, self.config.sample_max_value

@@ -137,7 +137,7 @@ class SigmaSchedulerBase(SchedulerBase):
         seed = self._seed_tensor(noise_seed, x.shape[0], x.device) if noise is None else None
         offset = self._offset_tensor(0, x.device) if noise is None else None
         backend = self._add_noise_backend(backend, x, noise)
-        return ops.add_noise(x, table, index, backend=backend, noise=noise, seed=seed, offset=offset)
+        return ops.add_noise(x, table, index, backend=backend, noise=noise, seed=seed, offset=offset, routed=True)
 
     def _reference_add_noise(self, x, noise, index):
         sigmas = self.sigmas.to(device=x.device, dtype=x.dtype)

@@ -318,6 +318,7 @@ def add_noise_train_timesteps(sched, original_samples, noise, timesteps, noise_s
         sched._cached(("add_noise", x.device), table),
         timesteps.to(x.device),
         backend=sched._add_noise_backend(backend, x, noise),
+        routed=True,
         noise=noise,
         seed=seed,
         offset=offset,
