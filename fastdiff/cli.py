@@ -79,16 +79,6 @@ def bench_cmd(args) -> int:
     return 0
 
 
-SAMPLERS = {
-    # name: (scheduler class, config overrides, step kwargs)
-    "ddpm": ("DDPMScheduler", {}, {}),
-    "ddim": ("DDIMScheduler", {"timestep_spacing": "trailing"}, {}),
-    "euler": ("EulerDiscreteScheduler", {}, {}),
-    "euler-a": ("EulerAncestralDiscreteScheduler", {}, {}),
-    "dpm++2m": ("DPMSolverMultistepScheduler", {}, {}),
-    "dpm++2m-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, {}),
-    "dpm++2m-sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, {}),
-}
 # The cosine schedule reaches sigma ~ 2e4 at t = 999, where the unclipped sigma-space samplers fall apart
 # (digits model, 100 samples, 20-30 steps, fastdiff and diffusers alike: mean top-class probability 0.41-0.43);
 # diffusers' remedies: DPM-Solver's lambda_min_clipped=-5.1 (0.945) and Euler from t=980, "leading" (0.95).
@@ -198,8 +188,8 @@ def sample_cmd(args) -> int:
         raise UsageError(f"--guidance/--labels: the model {args.model!r} is unconditional")
     if args.guidance is not None and args.labels is None:
         args.labels = "all"
-    name, overrides, step_kwargs = SAMPLERS[args.sampler]
-    step_kwargs = dict(step_kwargs)
+    preset = schedulers.PRESETS[args.sampler]
+    name, overrides, step_kwargs = preset.scheduler, dict(preset.config), dict(preset.step_kwargs)
     if args.eta is not None:
         if name != "DDIMScheduler":
             raise UsageError(f"--eta applies to --sampler ddim only, not {args.sampler}")
@@ -210,7 +200,7 @@ def sample_cmd(args) -> int:
         step_kwargs["use_clipped_model_output"] = True
     if sched_config.get("beta_schedule") == "squaredcos_cap_v2":
         overrides = {**COSINE_OVERRIDES.get(name, {}), **overrides}
-    scheduler = getattr(schedulers, name).from_config(
+    scheduler = preset.cls.from_config(
         sched_config, **overrides, backend=None if args.backend == "auto" else args.backend
     )
     try:
@@ -318,6 +308,8 @@ def _save_grid(images, path: str, scale: int = 4) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .schedulers import PRESETS
+
     parser = argparse.ArgumentParser(prog="fastdiff", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("doctor", help="versions, devices, and which backends are available and why not")
@@ -326,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--model", default="digits", help="'digits' (embedded) or a local diffusers pipeline/UNet2DModel folder"
     )
-    sp.add_argument("--sampler", choices=list(SAMPLERS), default="ddim")
+    sp.add_argument("--sampler", choices=sorted(PRESETS), default="ddim")
     sp.add_argument("--steps", type=_positive_int("--steps"), default=50)
     sp.add_argument("-n", "--num", type=_positive_int("--num"), default=64, help="number of images")
     sp.add_argument("--batch-size", type=_positive_int("--batch-size"), default=None)

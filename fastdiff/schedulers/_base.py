@@ -12,7 +12,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .. import __version__, _backend, coefs, ops, reference
+from .. import _backend, coefs, ops, reference
+from .._version import __version__
 from ..noise import as_seed_tensor, philox_normal, randn_tensor
 
 CONFIG_NAME = "scheduler_config.json"

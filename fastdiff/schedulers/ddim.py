@@ -16,11 +16,13 @@ from ..schedules import (
     make_betas,
 )
 from ._base import SchedulerBase, SchedulerOutput
+from ._registry import register
 from .ddpm import PREDICTION_TYPES, _as_timestep_tensor, add_noise_train_timesteps, integer_schedule, x0_coefficients
 
 DDIMSchedulerOutput = SchedulerOutput
 
 
+@register(presets={"ddim": ({"timestep_spacing": "trailing"}, {})})
 class DDIMScheduler(SchedulerBase):
     """Denoising diffusion implicit models (Song et al. 2021), as diffusers' ``DDIMScheduler``.
 

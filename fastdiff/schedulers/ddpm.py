@@ -18,6 +18,7 @@ from ..schedules import (
     spaced_timesteps,
 )
 from ._base import SchedulerBase, SchedulerOutput
+from ._registry import register
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
@@ -36,6 +37,7 @@ def x0_coefficients(prediction_type: str, alpha_prod_t: float) -> tuple[float, f
     return 1.0, math.sqrt(a), -math.sqrt(b)  # v_prediction
 
 
+@register(presets={"ddpm": ({}, {})})
 class DDPMScheduler(SchedulerBase):
     """Denoising diffusion probabilistic models (Ho et al. 2020), as diffusers' ``DDPMScheduler``.
 

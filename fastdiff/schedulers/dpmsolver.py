@@ -24,6 +24,7 @@ from ..schedules import (
     dpm_schedule,
 )
 from ._base import SchedulerOutput
+from ._registry import register
 from ._sigma import SigmaSchedulerBase
 
 ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++")
@@ -45,6 +46,13 @@ def _lam(s: float) -> float:
     return math.inf if s == 0 else -math.log(s)  # log(alpha) - log(sigma_t) = -log(sigma)
 
 
+@register(
+    presets={
+        "dpm++2m": ({}, {}),
+        "dpm++2m-karras": ({"use_karras_sigmas": True}, {}),
+        "dpm++2m-sde": ({"algorithm_type": "sde-dpmsolver++"}, {}),
+    }
+)
 class DPMSolverMultistepScheduler(SigmaSchedulerBase):
     """DPM-Solver++ multistep (Lu et al. 2022), as diffusers' ``DPMSolverMultistepScheduler`` for
     ``algorithm_type`` "dpmsolver++" and "sde-dpmsolver++". The deprecated "dpmsolver"/"sde-dpmsolver",

@@ -12,6 +12,7 @@ import torch
 from .. import coefs, reference
 from ..schedules import TIMESTEP_SPACINGS, check_choice, check_sigma_spacing_flags, euler_schedule
 from ._base import SchedulerOutput
+from ._registry import register
 from ._sigma import SigmaSchedulerBase
 
 EULER_PREDICTIONS = ("epsilon", "v_prediction", "sample", "original_sample")
@@ -91,6 +92,7 @@ class _EulerCommon(SigmaSchedulerBase):
         return self._validate_step(model_output, sample, guidance_scale)
 
 
+@register(presets={"euler": ({}, {})})
 class EulerDiscreteScheduler(_EulerCommon):
     """Euler sampler (Karras et al. 2022, Algorithm 2), as diffusers' ``EulerDiscreteScheduler``, with
     ``s_churn`` / ``s_tmin`` / ``s_tmax`` / ``s_noise`` in ``step``. Extras in ``step``: ``guidance_scale``,
@@ -246,6 +248,7 @@ class EulerDiscreteScheduler(_EulerCommon):
         return SchedulerOutput(prev_sample=prev, pred_original_sample=x0)
 
 
+@register(presets={"euler-a": ({}, {})})
 class EulerAncestralDiscreteScheduler(_EulerCommon):
     """Ancestral Euler ("Euler a"), as diffusers' ``EulerAncestralDiscreteScheduler``: noise is drawn every
     step like diffusers (from ``generator`` or the global RNG), or in the kernel with ``noise_seed``."""
