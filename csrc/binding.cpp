@@ -1,6 +1,8 @@
 // Torch binding for the CUDA kernels: registers fastdiff::fused_step_cuda and fastdiff::add_noise_cuda
-// (CUDA dispatch key) with the argument order of the Python ops in fastdiff/ops.py. The Python layer
+// (CUDA dispatch key) with the signatures of the Python ops in fastdiff/ops.py. The Python layer
 // has already made each sample's elements contiguous; here we read pointers, batch strides and dtypes.
+#include <initializer_list>
+
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
@@ -39,12 +41,22 @@ void check_cuda(const Tensor& t, const char* name, const Tensor& x) {
               x.device());
 }
 
-void fused_step_cuda(const Tensor& x, const Tensor& m_in, const Tensor& coef, const optional<Tensor>& prev,
-                     const optional<Tensor>& x0, const optional<Tensor>& z_in, const optional<Tensor>& seed,
-                     const optional<Tensor>& offset, const optional<Tensor>& guidance,
-                     const optional<Tensor>& thresh, const optional<Tensor>& mscale, const optional<Tensor>& v_in,
-                     const optional<Tensor>& h1_in, const optional<Tensor>& h2_in, double clip_range,
-                     int64_t var_mode) {
+// `inputs` in StepInput order (fastdiff_kernels.h), the first three required.
+void fused_step_cuda(const c10::List<optional<Tensor>>& inputs, const optional<Tensor>& prev,
+                     const optional<Tensor>& x0, double clip_range, int64_t var_mode) {
+  TORCH_CHECK(inputs.size() == fastdiff::N_STEP_INPUTS, "fastdiff::fused_step_cuda: expected ",
+              static_cast<int>(fastdiff::N_STEP_INPUTS), " inputs, got ", inputs.size());
+  auto in = [&](fastdiff::StepInput k) -> optional<Tensor> { return inputs.get(k); };
+  for (auto k : {fastdiff::IN_SAMPLE, fastdiff::IN_MODEL_OUTPUT, fastdiff::IN_COEF}) {
+    TORCH_CHECK(in(k).has_value(), "fastdiff::fused_step_cuda: input ", static_cast<int>(k), " is required");
+  }
+  const Tensor x = *in(fastdiff::IN_SAMPLE);
+  const Tensor m_in = *in(fastdiff::IN_MODEL_OUTPUT);
+  const Tensor coef = *in(fastdiff::IN_COEF);
+  const optional<Tensor> z_in = in(fastdiff::IN_NOISE), seed = in(fastdiff::IN_SEED), offset = in(fastdiff::IN_OFFSET);
+  const optional<Tensor> guidance = in(fastdiff::IN_GUIDANCE), thresh = in(fastdiff::IN_THRESH);
+  const optional<Tensor> mscale = in(fastdiff::IN_MSCALE), v_in = in(fastdiff::IN_VAR);
+  const optional<Tensor> h1_in = in(fastdiff::IN_HIST1), h2_in = in(fastdiff::IN_HIST2);
   check_cuda(x, "sample", x);
   const c10::cuda::CUDAGuard guard(x.device());
   const Tensor m = like_input(m_in, x);
@@ -58,6 +70,11 @@ void fused_step_cuda(const Tensor& x, const Tensor& m_in, const Tensor& coef, co
   TORCH_CHECK(prev.has_value() || x0.has_value(), "fastdiff CUDA ops: nothing to write");
   const Tensor& out = prev.has_value() ? *prev : *x0;
   for (const auto* t : {&coef, &m}) check_cuda(*t, "input", x);
+  // a CPU tensor here would be read as a device pointer
+  for (const optional<Tensor>* t : std::initializer_list<const optional<Tensor>*>{
+           &z, &seed, &offset, &guidance, &thresh, &mscale, &v, &h1, &h2, &prev, &x0}) {
+    if (t->has_value()) check_cuda(**t, "input", x);
+  }
   if (prev && x0) TORCH_CHECK(prev->scalar_type() == x0->scalar_type(), "`prev_out` and `x0_out` dtypes differ");
   if (seed) TORCH_CHECK(seed->scalar_type() == at::kLong && offset.has_value(), "`seed` must be int64 with `offset`");
   fastdiff::StepParams p{};
@@ -132,9 +149,7 @@ void add_noise_cuda(const Tensor& x, const optional<Tensor>& z_in, const Tensor&
 
 TORCH_LIBRARY_FRAGMENT(fastdiff, m) {
   m.def(
-      "fused_step_cuda(Tensor x, Tensor m, Tensor coef, Tensor(a!)? prev, Tensor(b!)? x0, Tensor? z, Tensor? seed, "
-      "Tensor? offset, Tensor? guidance, Tensor? thresh, Tensor? mscale, Tensor? v, Tensor? h1, Tensor? h2, "
-      "float clip_range, int var_mode) -> ()");
+      "fused_step_cuda(Tensor?[] inputs, Tensor(a!)? prev, Tensor(b!)? x0, float clip_range, int var_mode) -> ()");
   m.def(
       "add_noise_cuda(Tensor x, Tensor? z, Tensor table, Tensor index, Tensor? seed, Tensor? offset, "
       "Tensor(a!) out, int stream_id) -> ()");

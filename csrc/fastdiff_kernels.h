@@ -17,6 +17,12 @@ enum Coef : int {
 enum VarMode : int { VAR_FIXED = 0, VAR_LEARNED = 1, VAR_LEARNED_RANGE = 2 };
 enum NoiseMode : int { NOISE_NONE = 0, NOISE_TENSOR = 1, NOISE_PHILOX = 2 };
 
+// Order of the fused step's input list (Python: fastdiff.ops.StepParams.INPUTS; a unit test checks it).
+enum StepInput : int {
+  IN_SAMPLE = 0, IN_MODEL_OUTPUT = 1, IN_COEF = 2, IN_NOISE = 3, IN_SEED = 4, IN_OFFSET = 5, IN_GUIDANCE = 6,
+  IN_THRESH = 7, IN_MSCALE = 8, IN_VAR = 9, IN_HIST1 = 10, IN_HIST2 = 11, N_STEP_INPUTS = 12
+};
+
 struct StepParams {
   // inputs: x, m, z, v, h1, h2 share `in_dtype`; prev and x0 share `out_dtype`
   const void* x;

@@ -26,7 +26,8 @@ def doctor(args) -> int:
     """Print versions, devices and which backends can run where, and why not."""
     import torch
 
-    from . import __version__, _backend
+    from . import _backend, ops
+    from ._version import __version__
 
     print(f"fastdiff {__version__}")
     print(f"python {platform.python_version()} on {platform.platform()}")
@@ -53,11 +54,11 @@ def doctor(args) -> int:
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for dev in devices:
         print(f"backends on {dev}:")
-        for b in ("cuda", "triton", "reference"):
-            why = _backend.unavailable_reason(b, torch.device(dev))
+        for b in ops.BACKENDS[1:]:
+            why = ops.unavailable(b, torch.device(dev))
             print(f"  {b:9s} {'available' if why is None else 'unavailable: ' + why}")
         try:
-            print(f"  auto -> {_backend.resolve(None, dev)}")
+            print(f"  auto -> {ops.select(None, dev)}")
         except Exception as exc:
             print(f"  auto -> error: {exc}")
     return 0
@@ -308,6 +309,7 @@ def _save_grid(images, path: str, scale: int = 4) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import ops
     from .schedulers import PRESETS
 
     parser = argparse.ArgumentParser(prog="fastdiff", description=__doc__.splitlines()[0])
@@ -323,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-n", "--num", type=_positive_int("--num"), default=64, help="number of images")
     sp.add_argument("--batch-size", type=_positive_int("--batch-size"), default=None)
     sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--backend", choices=["auto", "cuda", "triton", "reference"], default="auto")
+    sp.add_argument("--backend", choices=list(ops.BACKENDS), default="auto")
     sp.add_argument("--graph", choices=["auto", "on", "off"], default="auto", help="CUDA graph of the whole loop")
     sp.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (digits model)")
     sp.add_argument("--labels", default=None, help="digits to draw: 'all' (0..9 cycled) or e.g. 3,1,4")

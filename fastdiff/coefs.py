@@ -17,8 +17,10 @@ the model output. The separate scales X_S and E_S keep the float32 rounding of d
 ``(x - sqrt(1 - abar) * eps) / sqrt(abar)``: near the end of a cosine schedule abar ~ 2e-9, and
 folding 1/sqrt(abar) into both terms would cancel two products of ~2e4 and lose three digits. A
 scheduler fills one float32 row per inference step; the kernels, the CUDA
-extension and the reference evaluator read it with the indices below.
+extension and the torch evaluation (``kernels/eager.py``) read it with the indices below.
 """
+
+from enum import IntEnum
 
 A_X, A_M = 0, 1
 E_X, E_M, E_0 = 2, 3, 4
@@ -48,8 +50,22 @@ NAMES = (
     "E_S",
 )
 
-# variance modes (how `std` is formed), shared with the kernels
-VAR_FIXED, VAR_LEARNED, VAR_LEARNED_RANGE = 0, 1, 2
+
+class VarMode(IntEnum):
+    """How the noise's ``std`` is formed (csrc's ``VarMode``)."""
+
+    FIXED = 0  # std = SIGMA
+    LEARNED = 1  # std = SIGMA * sqrt(v)
+    LEARNED_RANGE = 2  # std = SIGMA * exp(0.5 * (LV_A * v + LV_B))
+
+
+class NoiseMode(IntEnum):
+    """Where the step's Gaussian noise comes from (csrc's ``NoiseMode``)."""
+
+    NONE = 0
+    TENSOR = 1  # read from a tensor like the sample
+    PHILOX = 2  # drawn in the kernel from per-sample seeds
+
 
 # Philox stream ids (third counter word), so that different uses of one seed never overlap
 STREAM_STEP, STREAM_LATENTS, STREAM_ADD_NOISE = 0, 1, 2

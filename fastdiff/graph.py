@@ -21,8 +21,8 @@ from typing import Optional
 import torch
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
 
+from .loop import as_fastdiff_scheduler, denoise, doubled_kwargs, initial_noise, model_device
 from .noise import as_seed_tensor
-from .sampling import as_fastdiff_scheduler, call_model, denoise, doubled_kwargs, initial_noise, model_device
 
 logger = logging.getLogger("fastdiff")
 
@@ -233,8 +233,7 @@ class GraphSampler:
         scheduler copy's device tables (built by the first, uncaptured run)."""
         sched = st.scheduler
         sched._reset_loop_state()
-        backend = sched._resolve_backend(self.device)
-        drawn = initial_noise(st.shape, st.dtype, self.device, seeds=st.seeds, backend=backend)
+        drawn = initial_noise(st.shape, st.dtype, self.device, seeds=st.seeds, backend=sched.backend)
         x = torch.where(st.use_latents > 0, st.latents, drawn) * sched.init_noise_sigma
         return denoise(
             self.model,
@@ -342,9 +341,8 @@ class GraphSampler:
     def _eager(self, shape, dtype, steps, g, call_kwargs, seeds, latents):
         sched = self.scheduler
         sched.set_timesteps(steps, device=self.device)
-        backend = sched._resolve_backend(self.device)
         if latents is None:
-            latents = initial_noise(shape, dtype, self.device, seeds=seeds, backend=backend)
+            latents = initial_noise(shape, dtype, self.device, seeds=seeds, backend=sched.backend)
         x = latents * sched.init_noise_sigma
         return denoise(
             self.model,
@@ -358,4 +356,4 @@ class GraphSampler:
         )
 
 
-__all__ = ["GraphSampler", "GraphCaptureError", "call_model"]
+__all__ = ["GraphSampler", "GraphCaptureError"]

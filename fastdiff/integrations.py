@@ -16,19 +16,9 @@ import inspect
 
 import torch
 
+from .loop import as_fastdiff_scheduler
 from .noise import randn_tensor
-from .sampling import as_fastdiff_scheduler, sample
-
-_STOCHASTIC = {"DDPMScheduler", "EulerAncestralDiscreteScheduler"}
-
-
-def _draws_every_step(scheduler, eta: float) -> bool:
-    name = type(scheduler).__name__
-    return (
-        name in _STOCHASTIC
-        or (name == "DDIMScheduler" and eta > 0)
-        or getattr(scheduler.config, "algorithm_type", "").startswith("sde")
-    )
+from .sampling import sample
 
 
 def _device(pipe) -> torch.device:
@@ -101,7 +91,7 @@ def _loop(model, scheduler, shape, dtype, device, generator, seed, graph, steps,
             **guidance,
         )
     latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-    if generator is not None and _draws_every_step(scheduler, step_kwargs.get("eta", 0.0)):
+    if generator is not None and scheduler.draws_noise(step_kwargs):
         return sample(
             model,
             scheduler,

@@ -26,17 +26,24 @@ from fastdiff.noise import as_seed_tensor
 HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__")
 
 SCHEDULERS = {
-    "ddpm": (lambda: fastdiff.DDPMScheduler(), {}),
+    # every registered scheduler at its defaults, then the knobs that change what a step reads or writes
+    **{name: (cls, {}) for name, cls in fastdiff.SCHEDULERS.items()},
     "ddpm-large-var": (lambda: fastdiff.DDPMScheduler(variance_type="fixed_large"), {}),
     "ddpm-thresholding": (lambda: fastdiff.DDPMScheduler(thresholding=True, prediction_type="v_prediction"), {}),
-    "ddim": (lambda: fastdiff.DDIMScheduler(), {}),
     "ddim-eta1": (lambda: fastdiff.DDIMScheduler(timestep_spacing="trailing"), {"eta": 1.0}),
-    "euler": (lambda: fastdiff.EulerDiscreteScheduler(), {}),
     "euler-karras": (lambda: fastdiff.EulerDiscreteScheduler(use_karras_sigmas=True), {}),
-    "euler-a": (lambda: fastdiff.EulerAncestralDiscreteScheduler(), {}),
-    "dpm++2m": (lambda: fastdiff.DPMSolverMultistepScheduler(), {}),
     "dpm++3m": (lambda: fastdiff.DPMSolverMultistepScheduler(solver_order=3), {}),
     "dpm++2m-sde": (lambda: fastdiff.DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++"), {}),
+    "dpm-solver-3": (
+        lambda: fastdiff.DPMSolverMultistepScheduler(
+            algorithm_type="dpmsolver", solver_order=3, final_sigmas_type="sigma_min"
+        ),
+        {},
+    ),
+    "sde-dpm-solver": (
+        lambda: fastdiff.DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver", final_sigmas_type="sigma_min"),
+        {},
+    ),
 }
 
 
@@ -126,7 +133,7 @@ def _sample(model, make, device, backend, steps, step_kwargs, seed, **kw):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", ["triton", "cuda", "reference"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda", "reference"])
 @pytest.mark.parametrize("name", list(SCHEDULERS))
 def test_loop_body_reads_nothing_back_and_reruns_exactly(device, backend, name):
     """GraphSampler's steps around a capture, without the graph: static buffers and a scheduler copy, a
@@ -175,12 +182,12 @@ class NestedCondModel(TinyCondModel):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name", ["ddim", "dpm++2m", "euler-a"])
+@pytest.mark.parametrize("name", ["DDIMScheduler", "DPMSolverMultistepScheduler", "EulerAncestralDiscreteScheduler"])
 def test_guided_loop_with_latents_reads_nothing_back(device, name):
     """Latents, guidance scale and (nested) conditioning changed through the static buffers, as between
     replays, with the graph key unchanged."""
     from fastdiff.graph import _structure
-    from fastdiff.sampling import doubled_kwargs
+    from fastdiff.loop import doubled_kwargs
 
     backend = (available_backends(device) or ["reference"])[0]
     make, step_kwargs = SCHEDULERS[name]
@@ -246,7 +253,7 @@ def test_guided_loop_with_latents_reads_nothing_back(device, name):
 
 
 def test_doubled_kwargs_nested_and_errors():
-    from fastdiff.sampling import doubled_kwargs
+    from fastdiff.loop import doubled_kwargs
 
     c = {"e": torch.ones(2, 3), "add": {"t": torch.ones(2, 4), "ids": [torch.ones(2, 1), 5]}, "flag": True}
     u = {"e": torch.zeros(2, 3), "add": {"t": torch.zeros(2, 4), "ids": [torch.zeros(2, 1), 5]}, "flag": True}

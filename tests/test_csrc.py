@@ -21,12 +21,21 @@ def test_header_layout_matches_coefs():
     values = {k: int(v) for k, v in re.findall(r"(\w+)\s*=\s*(\d+)", body)}
     for name in coefs.NAMES + ("NCOEF",):
         assert values[name] == getattr(coefs, name), name
-    for py, cname in (
-        (coefs.VAR_FIXED, "VAR_FIXED"),
-        (coefs.VAR_LEARNED, "VAR_LEARNED"),
-        (coefs.VAR_LEARNED_RANGE, "VAR_LEARNED_RANGE"),
-    ):
-        assert re.search(rf"{cname} = {py}\b", text), cname
+    for mode in coefs.VarMode:
+        assert re.search(rf"VAR_{mode.name} = {int(mode)}\b", text), mode
+    for mode in coefs.NoiseMode:
+        assert re.search(rf"NOISE_{mode.name} = {int(mode)}\b", text), mode
+
+
+def test_header_step_inputs_match_ops():
+    """The op's input list (ops.StepParams.INPUTS) is the order binding.cpp reads (enum StepInput)."""
+    from fastdiff import ops
+
+    text = (ROOT / "csrc" / "fastdiff_kernels.h").read_text()
+    body = re.search(r"enum StepInput : int \{(.*?)\};", text, re.S).group(1)
+    values = {k: int(v) for k, v in re.findall(r"IN_(\w+)\s*=\s*(\d+)", body)}
+    assert values == {name.upper(): i for i, name in enumerate(ops.StepParams.INPUTS)}
+    assert re.search(rf"N_STEP_INPUTS = {len(ops.StepParams.INPUTS)}\b", body)
 
 
 needs_ext = pytest.mark.skipif(

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import fastdiff
-from fastdiff import _backend
+from fastdiff import ops
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -570,7 +570,7 @@ FASTDIFF_CASES = [
 
 @pytest.mark.parametrize("case,backend", FASTDIFF_CASES)
 def test_regression_numbers_with_fastdiff(case, backend):
-    reason = _backend.unavailable_reason(backend, torch.device("cpu"))
+    reason = ops.unavailable(backend, torch.device("cpu"))
     if reason is not None:
         pytest.skip(f"backend {backend!r} cannot run on the CPU here: {reason}")
     cls = getattr(fastdiff, case.cls)

@@ -9,6 +9,14 @@ from fastdiff import coefs, ops
 FAST_CASES = [(d, b) for d in DEVICES for b in available_backends(d)]
 
 
+def _step(backend, x, m, row, out_dtype=torch.float32, write_x0=True, **kwargs):
+    """Run one fused step into poisoned outputs; returns (prev, x0)."""
+    prev = torch.full(x.shape, float("nan"), dtype=out_dtype, device=x.device)
+    x0 = torch.full(x.shape, float("nan"), dtype=out_dtype, device=x.device) if write_x0 else None
+    ops.fused_step(ops.StepParams(x, m, row, prev=prev, x0=x0, **kwargs), backend)
+    return prev, x0
+
+
 def _row(device, **values):
     row = torch.zeros(coefs.NCOEF, device=device)
     for k, v in values.items():
@@ -26,7 +34,8 @@ def test_fused_step_writes_every_element(device, backend, dtype, shape):
     row = _row(device, X_S=0.5, A_X=1.0, A_M=-0.3, E_S=1.0, E_M=1.0, C_0=0.7, C_E=0.2, C_X=0.1, SIGMA=0.05)
     prev = torch.full(shape, float("nan"), device=device, dtype=dtype)
     x0 = torch.full(shape, float("nan"), device=device, dtype=dtype)
-    ops.fused_step_op(x, m, row, prev, x0, z, None, None, None, None, None, None, None, None, 1.0, 0, backend)
+    p = ops.StepParams(x, m, row, prev=prev, x0=x0, noise=z, clip_range=1.0)
+    ops.fused_step_op(p.inputs(), prev, x0, 1.0, 0, backend)
     xf, mf, zf = x.float(), m.float(), z.float()
     x0_ref = (0.5 * (xf - 0.3 * mf)).clamp(-1, 1)
     prev_ref = 0.7 * x0_ref + 0.2 * mf + 0.1 * xf + 0.05 * zf
@@ -58,17 +67,7 @@ def test_fused_step_history_and_learned_variance(device, backend):
         LV_B=-1.2,
         K_PRE=0.1,
     )
-    prev, x0 = ops.fused_step(
-        x,
-        m,
-        row,
-        backend=backend,
-        out_dtype=torch.float32,
-        noise=z,
-        var=v,
-        var_mode=coefs.VAR_LEARNED_RANGE,
-        hist=(h1, h2),
-    )
+    prev, x0 = _step(backend, x, m, row, noise=z, var=v, var_mode=coefs.VarMode.LEARNED_RANGE, hist=(h1, h2))
     xh = x + 0.1 * z
     x0_ref = 0.9 * xh - 0.4 * m
     eps = 2.0 * (0.5 * xh - 0.25 * x0_ref)
@@ -106,9 +105,9 @@ def test_add_noise_index_dtype_and_strides(device, backend, form):
 
 
 def test_cuda_extension_coverage():
-    """Dtype mixes the CUDA extension runs exactly as Triton; the rest are routed to Triton."""
+    """Dtype mixes the CUDA extension runs exactly as Triton; the rest are routed to Triton by ops.select."""
     f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
-    covers = ops.cuda_ext_covers_step
+    covers = ops.cuda_ext_covers
     assert covers(f16, [f16], [f16, f16])
     assert covers(bf16, [bf16], [f32])
     assert covers(f32, [f32], [bf16, bf16])
@@ -116,15 +115,43 @@ def test_cuda_extension_coverage():
     assert not covers(f16, [f32], [f16])  # a float32 model output would be rounded to fp16
     assert not covers(f16, [f16], [bf16])  # no fp16 -> bf16 kernel
     assert not covers(torch.float64, [torch.float64], [torch.float64])
-    assert ops.route("cuda", f16, [f16], [f16, f32]) == "triton"
-    assert ops.route("cuda", f16, [f16], [f16]) == "cuda"
-    assert ops.route("triton", f16, [f32], [f16, f32]) == "triton"
+
+
+def test_select_routes_and_explains(monkeypatch):
+    """ops.select is the one decision: auto order, dtype routing away from the extension, clear errors."""
+    from fastdiff import _backend
+
+    f32, f16 = torch.float32, torch.float16
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(_backend, "cuda_ext_unavailable", lambda device: None)
+    monkeypatch.setattr(_backend, "triton_unavailable", lambda device: None)
+    ops._select.cache_clear()
+    assert ops.select("auto", cuda, f16, [f16], [f16]) == "cuda"
+    assert ops.select("cuda", cuda, f16, [f16], [f16, f32]) == "triton"  # Euler's fp16 prev, fp32 x0
+    assert ops.select("cuda", cuda, f16, [f32], [f16]) == "triton"  # a float32 model output
+    assert ops.select("triton", cuda, f16, [f32], [f16, f32]) == "triton"
+    monkeypatch.setattr(_backend, "triton_unavailable", lambda device: "no triton here")
+    ops._select.cache_clear()
+    with pytest.raises(RuntimeError, match="does not run this dtype mix.*no triton here"):
+        ops.select("cuda", cuda, f16, [f16], [f16, f32])
+    assert ops.select("auto", cuda, f16, [f16], [f16]) == "cuda"
+    monkeypatch.setattr(_backend, "cuda_ext_unavailable", lambda device: "not built")
+    ops._select.cache_clear()
+    assert ops.select("auto", cuda, f16) == "torch"
+    with pytest.raises(RuntimeError, match=r"backend 'cuda' \(argument\) cannot run: not built"):
+        ops.select("cuda", cuda, f16)
+    with pytest.raises(ValueError, match=r"`backend` \(argument\) must be one of"):
+        ops.select("fast", cuda)
+    monkeypatch.setenv("FASTDIFF_BACKEND", "bogus")
+    with pytest.raises(ValueError, match=r"`backend` \(FASTDIFF_BACKEND\) must be one of"):
+        ops.select(None, cuda)
+    ops._select.cache_clear()
 
 
 @pytest.mark.parametrize("device,backend", FAST_CASES)
 def test_empty_batch(device, backend):
     x = torch.randn(0, 3, 4, device=device)
-    prev, x0 = ops.fused_step(x, x, _row(device), backend=backend, out_dtype=torch.float32)
+    prev, x0 = _step(backend, x, x, _row(device))
     assert prev.shape == x.shape and x0.shape == x.shape
 
 
@@ -134,25 +161,8 @@ def test_opcheck(device, backend):
     m = torch.randn(4, 3, 8, device=device)
     row = _row(device, X_S=1.0, A_X=1.0, A_M=-0.5, C_0=1.0, E_S=1.0)
     g = torch.tensor([3.0], device=device)
-    args = (
-        x,
-        m,
-        row,
-        torch.empty_like(x),
-        torch.empty_like(x),
-        None,
-        None,
-        None,
-        g,
-        None,
-        None,
-        None,
-        None,
-        None,
-        0.0,
-        0,
-        backend,
-    )
+    p = ops.StepParams(x, m, row, guidance=g)
+    args = (p.inputs(), torch.empty_like(x), torch.empty_like(x), 0.0, 0, backend)
     torch.library.opcheck(
         torch.ops.fastdiff.fused_step.default,
         args,
@@ -173,7 +183,8 @@ def test_torch_compile_sees_through_the_op(device, backend):
     row = _row(device, X_S=1.0, A_X=1.0, A_M=-0.5, C_0=0.8, C_X=0.1, E_S=1.0)
 
     def f(x, m):
-        prev, _ = ops.fused_step(x, m, row, backend=backend, out_dtype=torch.float32, write_x0=False)
+        prev = torch.empty_like(x)
+        ops.fused_step(ops.StepParams(x, m, row, prev=prev), backend)
         return prev * 2
 
     x, m = torch.randn(2, 5, device=device), torch.randn(2, 5, device=device)

@@ -33,16 +33,8 @@ def _kernel_noise(device, backend, seeds, numel, offset, stream):
     if stream == coefs.STREAM_STEP:
         row = torch.zeros(coefs.NCOEF, device=device)
         row[coefs.SIGMA] = 1.0
-        prev, _ = ops.fused_step(
-            x,
-            torch.randn_like(x),
-            row,
-            backend=backend,
-            out_dtype=torch.float32,
-            write_x0=False,
-            seed=seeds,
-            offset=off,
-        )
+        prev = torch.full_like(x, float("nan"))
+        ops.fused_step(ops.StepParams(x, torch.randn_like(x), row, prev=prev, seed=seeds, offset=off), backend)
         return prev
     table = torch.tensor([[0.0, 1.0]], device=device)
     idx = torch.zeros(1, dtype=torch.int64, device=device)

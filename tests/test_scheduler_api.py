@@ -107,7 +107,7 @@ def test_backend_is_visible(caplog, monkeypatch):
     f.set_timesteps(5)
     x = torch.randn(1, 1, 2, 2)
     with caplog.at_level(logging.DEBUG, logger="fastdiff"):
-        fastdiff._backend._logged.clear()
+        fastdiff.ops._select.cache_clear()
         f.step(x, f.timesteps[0], x)
     assert f.last_backend == "reference"
     assert any("-> reference" in r.getMessage() for r in caplog.records)
@@ -172,8 +172,12 @@ def test_bad_step_inputs(name):
         f.set_timesteps(timesteps=[10, 20])
     f.set_timesteps(10)
     x = torch.randn(2, 3, 4, 4)
-    with pytest.raises(ValueError, match=r"`timestep`=5 is not in the schedule"):
-        f.step(x, 5, x)
+    if name == "DDIMScheduler":  # like diffusers, DDIM steps from any integer timestep to t - T // n
+        with pytest.raises(ValueError, match=r"`timestep`=1000 must be an integer in \[0, num_train_timesteps"):
+            f.step(x, 1000, x)
+    else:
+        with pytest.raises(ValueError, match=r"`timestep`=5 is not in the schedule"):
+            f.step(x, 5, x)
     with pytest.raises(ValueError, match=r"`model_output` has shape \(2, 3, 4, 5\)"):
         f.step(torch.randn(2, 3, 4, 5), f.timesteps[0], x)
     with pytest.raises(TypeError, match="`sample` must be a floating-point tensor"):
@@ -220,16 +224,28 @@ def test_ddpm_learned_variance_needs_doubled_channels():
 
 def test_last_backend_names_the_kernel_that_ran(monkeypatch):
     """With backend "cuda", dtype mixes the extension does not cover run (and are reported) as Triton."""
-    from fastdiff import ops
+    from fastdiff import _backend, ops
 
-    monkeypatch.setattr(ops, "fused_step", lambda *args, **kwargs: (None, None))
-    s = fastdiff.EulerDiscreteScheduler()
-    x = torch.zeros(1, 2, dtype=torch.float16)
-    s._fused("cuda", None, x, x, out_dtype=torch.float16, x0_dtype=torch.float32)  # Euler's fp16 prev, fp32 x0
-    assert s.last_backend == "triton"
-    s._fused("cuda", None, x, x, out_dtype=torch.float16)
-    assert s.last_backend == "cuda"
-    s._fused("cuda", None, x, x.float(), out_dtype=torch.float16)  # a float32 model output
-    assert s.last_backend == "triton"
-    assert s._add_noise_backend("cuda", x, x.float()) == "triton" == s.last_backend
-    assert s._add_noise_backend("cuda", x, None) == "cuda"
+    monkeypatch.setattr(_backend, "cuda_ext_unavailable", lambda device: None)
+    monkeypatch.setattr(_backend, "triton_unavailable", lambda device: None)
+    monkeypatch.setattr(ops, "fused_step", lambda p, backend: None)
+    monkeypatch.setattr(ops, "add_noise", lambda *args, **kwargs: None)
+    ops._select.cache_clear()
+    try:
+        x16 = torch.zeros(1, 2, dtype=torch.float16)
+        euler = fastdiff.EulerDiscreteScheduler(backend="cuda")
+        euler.set_timesteps(4)
+        euler.step(x16, euler.timesteps[0], x16)  # Euler's fp16 prev with a float32 x0
+        assert euler.last_backend == "triton"
+        ddim = fastdiff.DDIMScheduler(backend="cuda")
+        ddim.set_timesteps(4)
+        ddim.step(x16, ddim.timesteps[0], x16)
+        assert ddim.last_backend == "cuda"
+        ddim.step(x16.float(), ddim.timesteps[1], x16)  # a float32 model output for an fp16 sample
+        assert ddim.last_backend == "triton"
+        ddim.add_noise(x16, x16.float(), torch.tensor([3]))
+        assert ddim.last_backend == "triton"
+        ddim.add_noise(x16, x16, torch.tensor([3]))
+        assert ddim.last_backend == "cuda"
+    finally:
+        ops._select.cache_clear()

@@ -5,7 +5,10 @@ from a small per-index table ((sqrt(abar_t), sqrt(1 - abar_t)) for DDPM/DDIM, (1
 import triton
 import triton.language as tl
 
+from ..coefs import NoiseMode
 from .philox import philox_normal
+
+_NOISE_TENSOR = tl.constexpr(int(NoiseMode.TENSOR))
 
 BLOCK = 4096  # as the fused step's (kernels/step.py): same access pattern, one tensor fewer
 NUM_WARPS = 16
@@ -43,7 +46,7 @@ def add_noise_kernel(
     p = tl.where(valid, p, float("nan"))
 
     x = tl.load(x_ptr + b * x_sb + j, mask=mask, other=0.0).to(tl.float32)
-    if NOISE == 1:
+    if NOISE == _NOISE_TENSOR:
         z = tl.load(z_ptr + b * z_sb + j, mask=mask, other=0.0).to(tl.float32)
     else:
         seed = tl.load(seed_ptr + b)
@@ -54,10 +57,12 @@ def add_noise_kernel(
     tl.store(out_ptr + b * out_sb + j, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def launch(x, z, out, table, index, seed, offset, N, strides, noise_mode, stream):
+def launch(x, z, out, table, index, seed, offset, stream: int) -> None:
+    """Launch on tensors whose samples are each contiguous; ``index`` int64 with 1 or B entries."""
     batch = x.shape[0]
+    numel = x.numel() // batch
     dummy = table
-    grid = (triton.cdiv(N, BLOCK), batch)
+    grid = (triton.cdiv(numel, BLOCK), batch)
     add_noise_kernel[grid](
         x,
         z if z is not None else dummy,
@@ -66,10 +71,13 @@ def launch(x, z, out, table, index, seed, offset, N, strides, noise_mode, stream
         index,
         seed if seed is not None else dummy,
         offset if offset is not None else dummy,
-        N,
+        numel,
         table.shape[0],
-        *strides,
-        NOISE=noise_mode,
+        x.stride(0),
+        z.stride(0) if z is not None else 0,
+        out.stride(0),
+        1 if index.numel() > 1 else 0,
+        NOISE=int(NoiseMode.TENSOR if z is not None else NoiseMode.PHILOX),
         STREAM=stream,
         BLOCK=BLOCK,
         num_warps=NUM_WARPS,

@@ -7,12 +7,13 @@ paper it implements. The fast paths are tested against them and against diffuser
 from .common import add_noise, apply_guidance, get_velocity, rescale_noise_cfg, threshold_sample
 from .ddim import ddim_step
 from .ddpm import ddpm_step
-from .dpmsolver import alpha_sigma, dpm_update, dpm_x0
+from .dpmsolver import alpha_sigma, dpm_eps, dpm_update, dpm_x0
 from .euler import euler_ancestral_step, euler_step
 
 __all__ = [
     "add_noise",
     "alpha_sigma",
+    "dpm_eps",
     "dpm_update",
     "dpm_x0",
     "euler_ancestral_step",

@@ -1,19 +1,22 @@
-"""What every fastdiff scheduler shares: diffusers-style config handling, timestep lookup without
-host syncs, per-device coefficient tables, noise drawing and the fused-step call."""
+"""What every fastdiff scheduler shares: diffusers-style config handling, timestep lookup without host
+syncs, per-device coefficient tables, and the one step skeleton (validate, locate, plan, draw noise, pick
+the backend, fused or reference call, output) that a sampler fills in through a few hooks."""
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import os
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
-from .. import _backend, coefs, ops, reference
+from .. import coefs, ops, reference
 from .._version import __version__
+from ..coefs import VarMode
 from ..noise import as_seed_tensor, philox_normal, randn_tensor
 
 CONFIG_NAME = "scheduler_config.json"
@@ -67,9 +70,28 @@ def _jsonable(value):
 
 
 class SchedulerBase:
-    """Base of the drop-in schedulers. Subclasses define ``__init__`` with diffusers' exact keyword
-    arguments (calling ``_register_config(locals())`` first), ``set_timesteps``, ``step`` and
-    ``_coef_table``."""
+    """Base of the drop-in schedulers: diffusers' scheduler contract, with one step skeleton (``_step``).
+
+    A sampler is one file (see docs/adding-a-sampler.md) that defines:
+
+    - ``__init__`` with diffusers' exact arguments, calling ``self._register_config(locals(), backend)`` first;
+    - ``set_timesteps`` (installing the schedule with ``_set_schedule``) and diffusers' other public methods;
+    - ``step`` with diffusers' exact signature, calling ``self._step(...)`` with its sampler options;
+    - ``_coef_table(*key)``: the coefficient rows of the current schedule (``fastdiff.coefs``), float64;
+    - ``_plan(i, timestep, model_output, sample, opts)``: which row, whether noise, history in and out;
+    - ``_reference_step(plan, model_output, sample, noise, opts)``: the op-by-op reference;
+    - optionally ``_locate`` (how the step index is found), ``_advance`` (per-loop state after a step),
+      ``_channel_factor`` (a learned variance doubles the model output's channels);
+
+    and registers its class with ``@register`` (``_registry.py``).
+
+    **The rule every sampler keeps**: per-step state (the row, the noise offset, the history slots, the solver
+    order) is a pure function of the step index and the loop's first index. ``GraphSampler`` runs the Python
+    of a loop once, while capturing, and replays the recorded kernels afterwards; anything that changes from
+    one loop to the next without being a function of the step index would be frozen at its capture value.
+    Device tensors the kernels read (tables, seeds, offsets, history buffers) are allocated once per schedule
+    and reused, never re-created per step, so their addresses stay valid across replays.
+    """
 
     order = 1
     _compatibles: list = []
@@ -167,42 +189,58 @@ class SchedulerBase:
             self._index_of.setdefault(t, i)
         self._tables = {}
         self._device_cache = {}
+        self._reset_loop_state()
 
-    def index_for_timestep(self, timestep) -> int:
-        """Index of ``timestep`` in ``self.timesteps`` without a device sync when ``timestep`` is an
-        element of ``self.timesteps`` itself (how pipelines iterate); otherwise by value."""
+    def _timestep_value(self, timestep):
+        """A Python number for ``timestep``: an element of ``self.timesteps`` is read from the host copy (no
+        device sync); another tensor costs one host read (a sync for a CUDA tensor)."""
         if isinstance(timestep, torch.Tensor):
             if timestep.numel() != 1:
                 raise ValueError(f"`timestep` must be a scalar, got a tensor of shape {tuple(timestep.shape)}")
-            ts = self.timesteps
-            if (
-                timestep.device == ts.device
-                and timestep.dtype == ts.dtype
-                and timestep.untyped_storage().data_ptr() == ts.untyped_storage().data_ptr()
-            ):
-                i = timestep.storage_offset() - ts.storage_offset()
-                if 0 <= i < len(ts):
-                    return i
-            timestep = timestep.item()  # a copy elsewhere: one host read (a sync for CUDA tensors)
-        value = timestep.item() if isinstance(timestep, np.generic) else timestep
+            i = self._element_index(timestep)
+            return self._timestep_values[i].item() if i is not None else timestep.item()
+        return timestep.item() if isinstance(timestep, np.generic) else timestep
+
+    def _element_index(self, timestep: torch.Tensor) -> Optional[int]:
+        """The index of ``timestep`` when it is a view of an element of ``self.timesteps`` (how pipelines
+        iterate), found from its storage offset without reading the device."""
+        ts = self.timesteps
+        if timestep._base is ts:  # the common case, checked first: ~0.1 us against ~3 us for the storage test
+            i = timestep.storage_offset() - ts.storage_offset()
+            return i if 0 <= i < len(ts) else None
+        if (
+            timestep.device == ts.device
+            and timestep.dtype == ts.dtype
+            and timestep.untyped_storage().data_ptr() == ts.untyped_storage().data_ptr()
+        ):
+            i = timestep.storage_offset() - ts.storage_offset()
+            if 0 <= i < len(ts):
+                return i
+        return None
+
+    def index_for_timestep(self, timestep, schedule_timesteps=None) -> Optional[int]:
+        """Index of ``timestep`` in ``self.timesteps`` (the first match), or None when it is not in the schedule.
+        No device sync when ``timestep`` is an element of ``self.timesteps`` itself."""
+        if schedule_timesteps is not None:
+            values = np.asarray(torch.as_tensor(schedule_timesteps).cpu())
+            matches = np.flatnonzero(values == self._timestep_value(timestep))
+            return int(matches[0]) if len(matches) else None
+        if isinstance(timestep, torch.Tensor) and timestep.numel() == 1:
+            i = self._element_index(timestep)
+            if i is not None:
+                return i
+        value = self._timestep_value(timestep)
         if isinstance(value, float) and value.is_integer() and self.timesteps.dtype == torch.int64:
             value = int(value)
-        i = self._index_of.get(value)
-        if i is None:
-            shown = self._timestep_values.tolist()
-            shown = shown if len(shown) <= 12 else shown[:6] + ["..."] + shown[-6:]
-            raise ValueError(
-                f"`timestep`={value!r} is not in the schedule; expected one of scheduler.timesteps {shown}"
-                + ("" if getattr(self, "num_inference_steps", None) else " (call set_timesteps first?)")
-            )
-        return i
+        return self._index_of.get(value)
 
-    def _check_ready(self) -> None:
-        if self.num_inference_steps is None:
-            raise ValueError("Number of inference steps is None: call `set_timesteps` before `step`")
+    def _schedule_error(self, value) -> ValueError:
+        shown = self._timestep_values.tolist()
+        shown = shown if len(shown) <= 12 else shown[:6] + ["..."] + shown[-6:]
+        return ValueError(f"`timestep`={value!r} is not in the schedule; expected one of scheduler.timesteps {shown}")
 
     def _reset_loop_state(self) -> None:
-        """Forget per-loop Python state (multistep history) without touching the device tables."""
+        """Forget per-loop Python state (step counters, multistep history) without touching the device tables."""
 
     # ------------------------------------------------------------------ device-side tables
 
@@ -219,6 +257,21 @@ class SchedulerBase:
             table = torch.from_numpy(host.astype(np.float32)).to(device)
             self._tables[full_key] = table
         return table
+
+    def _row(self, key, row, device) -> tuple:
+        """(device row, its values as Python floats) of table ``key`` at ``row`` (an index, or a tuple for a
+        table of several rows per step). Every row's view and list are made at the first step of a schedule,
+        in two calls, so a step pays one dict lookup."""
+        rows = self._device_cache.get(("rows", key, device))
+        if rows is None:
+            table = self._device_table(key, device)
+            host = self._tables[(key, None)]
+            flat = host.reshape(-1, coefs.NCOEF).astype(np.float32)
+            rows = (host.shape[:-1], table.reshape(-1, coefs.NCOEF).unbind(0), flat.tolist())
+            self._device_cache[("rows", key, device)] = rows
+        shape, views, values = rows
+        k = row if isinstance(row, int) else int(np.ravel_multi_index(row, shape))
+        return views[k], values[k]
 
     def _cached(self, key, make):
         value = self._device_cache.get(key)
@@ -250,25 +303,171 @@ class SchedulerBase:
         )
         return offs[i : i + 1]
 
-    # ------------------------------------------------------------------ validation
+    # ------------------------------------------------------------------ the step skeleton
 
-    def _validate_step(self, model_output, sample, guidance_scale, channel_factor: int = 1):
+    def _step(
+        self,
+        model_output: torch.Tensor,
+        timestep,
+        sample: torch.Tensor,
+        opts: dict,
+        *,
+        generator=None,
+        variance_noise: Optional[torch.Tensor] = None,
+        return_dict: bool = True,
+        guidance_scale=None,
+        guidance_rescale: float = 0.0,
+        noise_seed=None,
+    ):
+        """What every ``step`` does: validate, locate the step, plan it (the sampler's hook), draw its noise,
+        then one fused call on the backend ``ops.select`` picks, or the sampler's reference step."""
+        batch = self._validate_step(model_output, sample, guidance_scale)
+        if variance_noise is not None and generator is not None:
+            raise ValueError("pass either `generator` or `variance_noise`, not both")
+        i = self._locate(timestep)
+        plan = self._plan(i, timestep, model_output, sample, opts)
+        device = sample.device
+        noise = seed = offset = None
+        if plan.noise_dtype is not None:
+            noise, seed, offset = self._draw_noise(
+                sample.shape, generator, device, plan.noise_dtype, noise_seed, variance_noise, batch, plan.offset
+            )
+        m = plan.model_output if plan.model_output is not None else model_output
+        out_dtype = plan.out_dtype or torch.result_type(sample, m)
+        x0_dtype = plan.x0_dtype or out_dtype
+        ins = [t.dtype for t in (m, noise, plan.var, *plan.hist) if t is not None]
+        outs = [out_dtype] + ([x0_dtype] if plan.write_x0 else [])
+        backend = "reference" if plan.reference_only else ops.select(self.backend, device, sample.dtype, ins, outs)
+        if backend == "reference":
+            if seed is not None:
+                noise = self._philox_noise(seed, offset, sample, plan.noise_dtype)
+            m = self._reference_guided(m, guidance_scale, guidance_rescale)
+            prev, x0 = self._reference_step(plan, m, sample, noise, opts)
+        else:
+            coef, values = (plan.coef, None) if plan.coef is not None else self._row(plan.table_key, plan.row, device)
+            guidance, mscale = self._guidance_args(m, guidance_scale, guidance_rescale, device)
+            p = ops.StepParams(
+                sample,
+                m,
+                coef,
+                prev=torch.empty(sample.shape, dtype=out_dtype, device=device),
+                x0=(
+                    plan.x0_out if plan.x0_out is not None else torch.empty(sample.shape, dtype=x0_dtype, device=device)
+                )
+                if plan.write_x0
+                else None,
+                noise=noise,
+                seed=seed,
+                offset=offset,
+                guidance=guidance,
+                mscale=mscale,
+                var=plan.var,
+                hist=plan.hist,
+                clip_range=plan.clip_range,
+                var_mode=plan.var_mode,
+                coef_values=values,
+            )
+            if plan.thresholding:
+                p.thresh = self._threshold(p, backend)
+                p.clip_range = 0.0
+            ops.fused_step(p, backend)
+            prev, x0 = p.prev, p.x0
+        self.last_backend = backend
+        self._advance(plan)
+        return self._output(prev, x0, return_dict)
+
+    def _output(self, prev, x0, return_dict: bool):
+        if not return_dict:
+            return (prev, x0)
+        return SchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+    # hooks a sampler defines (see docs/adding-a-sampler.md)
+
+    def _locate(self, timestep) -> Optional[int]:
+        """The schedule index of this step: by value here (no sync for an element of ``self.timesteps``);
+        sigma-space samplers count steps instead. None for a timestep outside the schedule that the sampler
+        handles itself (DDIM)."""
+        i = self.index_for_timestep(timestep)
+        if i is None:
+            raise self._schedule_error(self._timestep_value(timestep))
+        return i
+
+    def _plan(self, i, timestep, model_output, sample, opts: dict) -> StepPlan:
+        """This step's row, noise, history and outputs."""
+        raise NotImplementedError
+
+    def _reference_step(self, plan: StepPlan, model_output, sample, noise, opts: dict) -> tuple:
+        """(prev_sample, pred_original_sample) of the reference implementation, op by op like diffusers."""
+        raise NotImplementedError
+
+    def _coef_table(self, *key) -> np.ndarray:
+        """(steps, ..., NCOEF) float64 rows for the current schedule (``fastdiff.coefs``)."""
+        raise NotImplementedError
+
+    def _advance(self, plan: StepPlan) -> None:
+        """Move the per-loop state past this step (a step counter, the multistep history)."""
+
+    def draws_noise(self, step_kwargs: Optional[dict] = None) -> bool:
+        """Whether a loop calling ``step(..., **step_kwargs)`` draws Gaussian noise in some step (so a
+        ``generator`` is consumed during the loop, not only for the starting noise)."""
+        return False
+
+    # ------------------------------------------------------------------ pieces of the skeleton
+
+    def _threshold(self, p: ops.StepParams, backend: str) -> torch.Tensor:
+        """Dynamic thresholding needs the per-sample quantile of |x0| before the step: a pass writing only a
+        float32 x0 (every backend runs that exactly), then torch.quantile. Returns the (B,) bounds."""
+        raw = torch.empty(p.sample.shape, dtype=torch.float32, device=p.sample.device)
+        ops.fused_step(dataclasses.replace(p, prev=None, x0=raw, clip_range=0.0), backend)
+        ratio, max_value = self.config.dynamic_thresholding_ratio, self.config.sample_max_value
+        thresh = torch.quantile(raw.reshape(raw.shape[0], -1).abs(), ratio, dim=1)
+        return thresh.clamp(min=1, max=max_value).contiguous()
+
+    def _validate_step(self, model_output, sample, guidance_scale):
         """Check the step's tensors (types, devices, shapes; a doubled batch under guidance, doubled channels
         for a learned variance). Returns the number of samples the step produces."""
-        batch = guidance_batch(model_output, guidance_scale) if isinstance(model_output, torch.Tensor) else None
-        shape = tuple(getattr(sample, "shape", ()))
-        expected = shape
-        if shape:
-            rest = ((shape[1] * channel_factor,) + shape[2:]) if len(shape) >= 2 else ()
-            expected = (shape[0] * (2 if guidance_scale is not None else 1),) + rest
-        self._check_tensors(model_output, sample, [expected])
+        for name, t in (("model_output", model_output), ("sample", sample)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"`{name}` must be a torch.Tensor, got {type(t).__name__}")
+            if not t.is_floating_point():
+                raise TypeError(f"`{name}` must be a floating-point tensor, got dtype {t.dtype}")
+        if sample.ndim < 1:
+            raise ValueError(f"`sample` must have a batch dimension, got shape {tuple(sample.shape)}")
+        if model_output.device != sample.device:
+            raise ValueError(
+                f"`model_output` is on {model_output.device} but `sample` is on {sample.device}; "
+                "expected the same device"
+            )
+        batch = guidance_batch(model_output, guidance_scale)
+        shape = tuple(sample.shape)
+        rest = ((shape[1] * self._channel_factor(),) + shape[2:]) if len(shape) >= 2 else ()
+        expected = (shape[0] * (2 if guidance_scale is not None else 1),) + rest
+        if tuple(model_output.shape) != expected:
+            raise ValueError(
+                f"`model_output` has shape {tuple(model_output.shape)}; expected {expected} for `sample` of shape "
+                f"{shape}" + (" under classifier-free guidance" if guidance_scale is not None else "")
+            )
         return batch
 
+    def _channel_factor(self) -> int:
+        """How many times the sample's channels the model output has (2 for a learned variance)."""
+        return 1
+
+    def _draw_noise(self, shape, generator, device, dtype, noise_seed, variance_noise, batch, offset: int):
+        """Returns (noise tensor or None, seed tensor or None, offset tensor or None)."""
+        if variance_noise is not None:
+            if tuple(variance_noise.shape) != tuple(shape):
+                raise ValueError(f"`variance_noise` has shape {tuple(variance_noise.shape)}; expected {tuple(shape)}")
+            return variance_noise.to(device), None, None
+        if noise_seed is not None:
+            if generator is not None:
+                raise ValueError("pass either `generator` or `noise_seed`, not both")
+            return None, self._seed_tensor(noise_seed, batch, device), self._offset_tensor(offset, device)
+        return randn_tensor(shape, generator=generator, device=device, dtype=dtype), None, None
+
     @staticmethod
-    def _reference_noise(noise, seed, offset, sample, dtype):
-        """Noise for a reference step: the drawn tensor, or the Philox normals the kernels draw for ``seed``."""
-        if seed is None:
-            return noise
+    def _philox_noise(seed, offset, sample, dtype):
+        """The Philox normals the kernels draw for ``seed`` at step ``offset``, for the reference step."""
         z = philox_normal(seed, sample[0].numel(), offset, coefs.STREAM_STEP)
         return z.reshape(sample.shape).to(dtype)
 
@@ -296,113 +495,63 @@ class SchedulerBase:
         mscale = rescale_factor(model_output, guidance_scale, guidance_rescale) if guidance_rescale > 0 else None
         return self._scalar(guidance_scale, device), mscale
 
-    @staticmethod
-    def _check_tensors(model_output, sample, expected_mo_shape):
-        for name, t in (("model_output", model_output), ("sample", sample)):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"`{name}` must be a torch.Tensor, got {type(t).__name__}")
-            if not t.is_floating_point():
-                raise TypeError(f"`{name}` must be a floating-point tensor, got dtype {t.dtype}")
-        if sample.ndim < 1:
-            raise ValueError(f"`sample` must have a batch dimension, got shape {tuple(sample.shape)}")
-        if model_output.device != sample.device:
-            raise ValueError(
-                f"`model_output` is on {model_output.device} but `sample` is on {sample.device}; "
-                "expected the same device"
-            )
-        if tuple(model_output.shape) not in expected_mo_shape:
-            shapes = " or ".join(str(s) for s in expected_mo_shape)
-            raise ValueError(
-                f"`model_output` has shape {tuple(model_output.shape)}; expected {shapes} for `sample` of shape "
-                f"{tuple(sample.shape)}"
-            )
+    # ------------------------------------------------------------------ forward noising
 
-    # ------------------------------------------------------------------ the fused call
+    def _add_noise(self, x, noise, index: torch.Tensor, noise_seed, table_key, make_table, reference_fn):
+        """Forward noising through ``ops.add_noise``: (P, Q) rows from ``make_table()`` (float32 (n, 2) on
+        x's device, cached per ``table_key``) gathered at ``index`` (1 or B int64 indices); the reference
+        backend calls ``reference_fn(x, noise, index)``."""
+        if noise is None and noise_seed is None:
+            raise ValueError("`noise` is required (or pass `noise_seed` for in-kernel Philox noise)")
+        if noise is not None:
+            if tuple(noise.shape) != tuple(x.shape):
+                raise ValueError(
+                    f"`noise` has shape {tuple(noise.shape)}; expected {tuple(x.shape)} like original_samples"
+                )
+            if noise.device != x.device:
+                raise ValueError(f"`noise` is on {noise.device}; expected {x.device} like original_samples")
+        ins = [noise.dtype] if noise is not None else []
+        backend = self.last_backend = ops.select(self.backend, x.device, x.dtype, ins, [x.dtype])
+        if backend == "reference":
+            if noise is None:
+                noise = self._add_noise_philox(x, noise_seed)
+            return reference_fn(x, noise, index)
+        seed = self._seed_tensor(noise_seed, x.shape[0], x.device) if noise is None else None
+        offset = self._offset_tensor(0, x.device) if noise is None else None
+        table = self._cached(("add_noise", table_key, x.device), make_table)
+        return ops.add_noise(x, table, index.to(x.device), backend=backend, noise=noise, seed=seed, offset=offset)
 
-    def _resolve_backend(self, device) -> str:
-        # resolved once per (request, FASTDIFF_BACKEND, device): resolving checks imports and the environment
-        key = (self.backend, os.environ.get("FASTDIFF_BACKEND"), device)
-        backend = self._resolved.get(key)
-        if backend is None:
-            backend = self._resolved[key] = _backend.resolve(self.backend, device)
-        self.last_backend = backend
-        return backend
 
-    def _add_noise_backend(self, backend: str, x: torch.Tensor, noise) -> str:
-        """The backend add_noise runs on (recorded in ``last_backend``; pass it with ``routed=True``): noise
-        of another dtype than the sample goes to Triton rather than being rounded by the CUDA extension."""
-        if backend == "cuda":
-            backend = self.last_backend = ops.route(
-                backend, x.dtype, [noise.dtype] if noise is not None else [], [x.dtype]
-            )
-        return backend
+@dataclass
+class StepPlan:
+    """What a sampler's ``_plan`` hook says about one step; the skeleton does the rest.
 
-    def _draw_noise(self, shape, generator, device, dtype, noise_seed, variance_noise, batch, i):
-        """Returns (noise tensor or None, seed tensor or None, offset tensor or None)."""
-        if variance_noise is not None:
-            if tuple(variance_noise.shape) != tuple(shape):
-                raise ValueError(f"`variance_noise` has shape {tuple(variance_noise.shape)}; expected {tuple(shape)}")
-            return variance_noise.to(device), None, None
-        if noise_seed is not None:
-            if generator is not None:
-                raise ValueError("pass either `generator` or `noise_seed`, not both")
-            return None, self._seed_tensor(noise_seed, batch, device), self._offset_tensor(i, device)
-        return randn_tensor(shape, generator=generator, device=device, dtype=dtype), None, None
+    table_key/row: the coefficient row is ``_coef_table(*table_key)[row]`` (or ``coef``, a ready row for a
+    step off the schedule). noise_dtype: the dtype this step's Gaussian noise is drawn in (None: no noise);
+    offset: its Philox step offset. model_output/var/var_mode: the part of the model output the step reads
+    as m and a learned variance. hist/x0_out: earlier x0 predictions read, and where this step's x0 goes.
+    out_dtype/x0_dtype: output dtypes (default: the promoted type of sample and model output).
+    reference_only: a configuration the coefficient row cannot express, run by the reference step (say why).
+    state: whatever the sampler's ``_reference_step`` and ``_advance`` need (timesteps, sigmas, order)."""
 
-    def _fused(
-        self,
-        backend,
-        coef,
-        model_output,
-        sample,
-        *,
-        out_dtype,
-        noise=None,
-        seed=None,
-        offset=None,
-        guidance=None,
-        mscale=None,
-        var=None,
-        var_mode=coefs.VAR_FIXED,
-        hist=(),
-        clip_range=0.0,
-        thresholding=False,
-        write_x0=True,
-        x0_dtype=None,
-        x0_out=None,
-    ):
-        """One fused step with this scheduler's clipping/thresholding. Dynamic thresholding needs the
-        per-sample quantile of |x0| first: a pass that writes only x0, then torch.quantile."""
-        if backend == "cuda":  # routed once here, to say which kernel runs (some dtype mixes go to Triton)
-            outs = [out_dtype] + ([x0_out.dtype if x0_out is not None else x0_dtype or out_dtype] if write_x0 else [])
-            ins = [t.dtype for t in (model_output, noise, var, *hist) if t is not None]
-            backend = self.last_backend = ops.route(backend, sample.dtype, ins, outs)
-        thresh = None
-        # the thresholding pass writes a float32 x0 only, which every backend the route can pick runs exactly
-        common = dict(
-            backend=backend, routed=True, noise=noise, seed=seed, offset=offset, guidance=guidance, mscale=mscale
-        )
-        if thresholding:
-            _, raw = ops.fused_step(sample, model_output, coef, out_dtype=torch.float32, write_prev=False, **common)
-            ratio, max_value = self.config.dynamic_thresholding_ratio, self.config.sample_max_value
-            thresh = torch.quantile(raw.reshape(raw.shape[0], -1).abs(), ratio, dim=1)
-            thresh = thresh.clamp(min=1, max=max_value).contiguous()
-            clip_range = 0.0
-        return ops.fused_step(
-            sample,
-            model_output,
-            coef,
-            out_dtype=out_dtype,
-            write_x0=write_x0,
-            x0_dtype=x0_dtype,
-            thresh=thresh,
-            var=var,
-            var_mode=var_mode,
-            hist=hist,
-            clip_range=clip_range,
-            x0_out=x0_out,
-            **common,
-        )
+    i: Optional[int]
+    table_key: tuple = ()
+    row: Any = None
+    coef: Optional[torch.Tensor] = None
+    noise_dtype: Optional[torch.dtype] = None
+    offset: int = 0
+    model_output: Optional[torch.Tensor] = None
+    var: Optional[torch.Tensor] = None
+    var_mode: int = VarMode.FIXED
+    hist: tuple = ()
+    x0_out: Optional[torch.Tensor] = None
+    write_x0: bool = True
+    out_dtype: Optional[torch.dtype] = None
+    x0_dtype: Optional[torch.dtype] = None
+    clip_range: float = 0.0
+    thresholding: bool = False
+    reference_only: bool = False
+    state: dict = field(default_factory=dict)
 
 
 def guidance_batch(model_output: torch.Tensor, guidance_scale) -> int:

@@ -8,7 +8,6 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .. import ops
 from ..schedules import alphas_cumprod_from_betas, make_betas
 from ._base import SchedulerBase
 
@@ -64,12 +63,16 @@ class SigmaSchedulerBase(SchedulerBase):
     def _first_index(self, timestep) -> int:
         if self._begin_index is not None:
             return self._begin_index
-        i = self.index_for_timestep(timestep)  # raises for a timestep that is not in the schedule
+        i = self.index_for_timestep(timestep)
+        if i is None:
+            raise self._schedule_error(self._timestep_value(timestep))
         value = self._timestep_values[i]
         matches = np.flatnonzero(self._timestep_values == value)
         return int(matches[1]) if len(matches) > 1 else int(matches[0])
 
-    def _current_index(self, timestep) -> int:
+    def _locate(self, timestep) -> int:
+        """diffusers' step-index rule: the first step of a loop finds its timestep (or starts at begin_index),
+        later steps count on."""
         if self._step_index is None:
             self._step_index = self._first_index(timestep)
         if self._step_index >= len(self._timestep_values):
@@ -78,6 +81,9 @@ class SigmaSchedulerBase(SchedulerBase):
                 "set_timesteps again to start a new loop"
             )
         return self._step_index
+
+    def _advance(self, plan) -> None:
+        self._step_index = plan.i + 1
 
     # ------------------------------------------------------------------ forward noising
 
@@ -120,24 +126,12 @@ class SigmaSchedulerBase(SchedulerBase):
         timesteps = timesteps.reshape(-1)
         if timesteps.numel() not in (1, x.shape[0]):
             raise ValueError(f"`timesteps` must have 1 or batch={x.shape[0]} entries, got {timesteps.numel()}")
-        if noise is None and noise_seed is None:
-            raise ValueError("`noise` is required (or pass `noise_seed` for in-kernel Philox noise)")
-        if noise is not None and tuple(noise.shape) != tuple(x.shape):
-            raise ValueError(f"`noise` has shape {tuple(noise.shape)}; expected {tuple(x.shape)} like original_samples")
         index = self._step_indices(timesteps, x.device)
-        backend = self._resolve_backend(x.device)
-        rows = self._add_noise_rows()
-        if backend == "reference":
-            if noise is None:
-                noise = self._add_noise_philox(x, noise_seed)
-            return self._reference_add_noise(x, noise, index)
-        table = self._cached(
-            ("add_noise_rows", x.device), lambda: torch.from_numpy(rows.astype(np.float32)).contiguous().to(x.device)
-        )
-        seed = self._seed_tensor(noise_seed, x.shape[0], x.device) if noise is None else None
-        offset = self._offset_tensor(0, x.device) if noise is None else None
-        backend = self._add_noise_backend(backend, x, noise)
-        return ops.add_noise(x, table, index, backend=backend, noise=noise, seed=seed, offset=offset, routed=True)
+
+        def table():
+            return torch.from_numpy(self._add_noise_rows().astype(np.float32)).contiguous().to(x.device)
+
+        return self._add_noise(x, noise, index, noise_seed, "steps", table, self._reference_add_noise)
 
     def _reference_add_noise(self, x, noise, index):
         sigmas = self.sigmas.to(device=x.device, dtype=x.dtype)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Union
 
 import numpy as np
@@ -15,9 +14,10 @@ from ..schedules import (
     check_choice,
     make_betas,
 )
-from ._base import SchedulerBase, SchedulerOutput
+from ._base import SchedulerBase, SchedulerOutput, StepPlan
+from ._predict import PREDICTION_TYPES
 from ._registry import register
-from .ddpm import PREDICTION_TYPES, _as_timestep_tensor, add_noise_train_timesteps, integer_schedule, x0_coefficients
+from .ddpm import _as_timestep_tensor, add_noise_train_timesteps, integer_schedule, x0_coefficients
 
 DDIMSchedulerOutput = SchedulerOutput
 
@@ -87,38 +87,56 @@ class DDIMScheduler(SchedulerBase):
         self._prev = prev
 
     def previous_timestep(self, timestep):
+        """The timestep this step goes to: the next listed one for custom timesteps, else t - T // n (for any
+        integer t, in the schedule or not, as diffusers computes it)."""
         i = self.index_for_timestep(timestep)
-        return torch.tensor(int(self._prev[i]))
+        if i is not None:
+            return torch.tensor(int(self._prev[i]))
+        return torch.tensor(self._off_schedule_prev(self._timestep_value(timestep)))
 
-    def _coef_table(self, eta: float, use_clipped_model_output: bool) -> np.ndarray:
+    def _off_schedule_prev(self, t) -> int:
+        T = self.config.num_train_timesteps
+        if self.custom_timesteps:
+            raise self._schedule_error(t)
+        if isinstance(t, float) and not t.is_integer() or not 0 <= t < T:
+            raise ValueError(f"`timestep`={t!r} must be an integer in [0, num_train_timesteps={T})")
+        return int(t) - T // self.num_inference_steps
+
+    # ------------------------------------------------------------------ coefficients
+
+    def _coef_rows(self, t, prev_t, eta: float, use_clipped_model_output: bool) -> np.ndarray:
+        """DDIM's update (Song et al. 2021, eq. 12) from each t to its prev_t (integer arrays), one row each."""
         cfg = self.config
         acp = self.alphas_cumprod.double().cpu().numpy()
-        final = float(self.final_alpha_cumprod)
-        table = np.zeros((len(self._timestep_values), coefs.NCOEF))
-        for i, (t, prev_t) in enumerate(zip(self._timestep_values.tolist(), self._prev.tolist())):
-            a = acp[t]
-            ap = acp[prev_t] if prev_t >= 0 else final
-            b = 1.0 - a
-            row = table[i]
-            row[coefs.X_S], row[coefs.A_X], row[coefs.A_M] = x0_coefficients(cfg.prediction_type, a)
-            sb = math.sqrt(float(np.float32(1.0) - np.float32(a)))
-            inv_sb = 1.0 / sb if sb > 0 else math.inf
-            row[coefs.E_S] = 1.0
+        t, prev_t = np.asarray(t, dtype=np.int64), np.asarray(prev_t, dtype=np.int64)
+        a = acp[t]
+        ap = np.where(prev_t >= 0, acp[np.maximum(prev_t, 0)], float(self.final_alpha_cumprod))
+        rows = np.zeros((len(t), coefs.NCOEF))
+        rows[:, coefs.X_S], rows[:, coefs.A_X], rows[:, coefs.A_M] = x0_coefficients(cfg.prediction_type, a)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            # pred_epsilon: from the model output, or (clipped) from x0; sqrt(1 - abar) formed in float32
+            sb = np.sqrt((np.float32(1.0) - a.astype(np.float32)).astype(np.float64))
+            rows[:, coefs.E_S] = 1.0
             if use_clipped_model_output:
-                row[coefs.E_S], row[coefs.E_X], row[coefs.E_0] = inv_sb, 1.0, -math.sqrt(a)
+                rows[:, coefs.E_S], rows[:, coefs.E_X], rows[:, coefs.E_0] = 1.0 / sb, 1.0, -np.sqrt(a)
             elif cfg.prediction_type == "epsilon":
-                row[coefs.E_M] = 1.0
+                rows[:, coefs.E_M] = 1.0
             elif cfg.prediction_type == "sample":
-                row[coefs.E_S], row[coefs.E_X], row[coefs.E_M] = inv_sb, 1.0, -math.sqrt(a)
+                rows[:, coefs.E_S], rows[:, coefs.E_X], rows[:, coefs.E_M] = 1.0 / sb, 1.0, -np.sqrt(a)
             else:  # v_prediction
-                row[coefs.E_X], row[coefs.E_M] = sb, math.sqrt(a)
-            variance = ((1 - ap) / b) * (1 - a / ap)
-            std = eta * math.sqrt(variance)
-            row[coefs.C_0] = math.sqrt(ap)
+                rows[:, coefs.E_X], rows[:, coefs.E_M] = sb, np.sqrt(a)
+            # x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - std^2) eps + std z
+            std = eta * np.sqrt(((1 - ap) / (1.0 - a)) * (1 - a / ap))
             direction = 1 - ap - std**2
-            row[coefs.C_E] = math.sqrt(direction) if direction >= 0 else math.nan
-            row[coefs.SIGMA] = std if eta > 0 else 0.0
-        return table
+            rows[:, coefs.C_0] = np.sqrt(ap)
+            rows[:, coefs.C_E] = np.where(direction >= 0, np.sqrt(np.maximum(direction, 0.0)), np.nan)
+            rows[:, coefs.SIGMA] = std if eta > 0 else 0.0
+        return rows
+
+    def _coef_table(self, eta: float, use_clipped_model_output: bool) -> np.ndarray:
+        return self._coef_rows(self._timestep_values, self._prev, eta, use_clipped_model_output)
+
+    # ------------------------------------------------------------------ step
 
     def step(
         self,
@@ -136,65 +154,79 @@ class DDIMScheduler(SchedulerBase):
         noise_seed=None,
     ):
         """One DDIM step x_t -> x_{prev}. Noise (eta > 0) comes from ``variance_noise``, ``generator``
-        (drawn like diffusers), the global RNG, or in-kernel Philox with ``noise_seed``."""
-        self._check_ready()
-        batch = self._validate_step(model_output, sample, guidance_scale)
-        if not isinstance(eta, (int, float)) or eta < 0:
+        (drawn like diffusers), the global RNG, or in-kernel Philox with ``noise_seed``. An integer timestep
+        outside the schedule steps to t - T // n, as diffusers does (one host read, a sync on CUDA)."""
+        if self.num_inference_steps is None:
+            raise ValueError(
+                "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler"
+            )
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta >= 0:
             raise ValueError(f"`eta` must be a float >= 0, got {eta!r}")
-        i = self.index_for_timestep(timestep)
-        device = sample.device
-        out_dtype = torch.result_type(sample, model_output)
-        backend = self._resolve_backend(device)
+        return self._step(
+            model_output,
+            timestep,
+            sample,
+            {"eta": float(eta), "use_clipped_model_output": bool(use_clipped_model_output)},
+            generator=generator,
+            variance_noise=variance_noise,
+            return_dict=return_dict,
+            guidance_scale=guidance_scale,
+            guidance_rescale=guidance_rescale,
+            noise_seed=noise_seed,
+        )
 
-        noise = seed = offset = None
-        if eta > 0:
-            if variance_noise is not None and generator is not None:
-                raise ValueError("pass either `generator` or `variance_noise`, not both")
-            noise, seed, offset = self._draw_noise(
-                sample.shape, generator, device, model_output.dtype, noise_seed, variance_noise, batch, i
-            )
+    def draws_noise(self, step_kwargs=None) -> bool:
+        return (step_kwargs or {}).get("eta", 0.0) > 0
 
-        if backend == "reference":
-            noise = self._reference_noise(noise, seed, offset, sample, model_output.dtype)
-            mo = self._reference_guided(model_output, guidance_scale, guidance_rescale)
-            cfg = self.config
-            prev, x0 = reference.ddim_step(
-                mo,
-                int(self._timestep_values[i]),
-                sample,
-                alphas_cumprod=self.alphas_cumprod,
-                final_alpha_cumprod=self.final_alpha_cumprod,
-                prev_t=int(self._prev[i]),
-                eta=eta,
-                use_clipped_model_output=use_clipped_model_output,
-                prediction_type=cfg.prediction_type,
-                clip_sample=cfg.clip_sample,
-                clip_sample_range=cfg.clip_sample_range,
-                thresholding=cfg.thresholding,
-                dynamic_thresholding_ratio=cfg.dynamic_thresholding_ratio,
-                sample_max_value=cfg.sample_max_value,
-                noise=noise,
-            )
+    def _locate(self, timestep):
+        return self.index_for_timestep(timestep)  # None: off the schedule, handled by _plan
+
+    def _plan(self, i, timestep, model_output, sample, opts) -> StepPlan:
+        key = (opts["eta"], opts["use_clipped_model_output"])
+        coef = None
+        if i is not None:
+            t, prev_t = int(self._timestep_values[i]), int(self._prev[i])
+            offset = i
         else:
-            table = self._device_table((float(eta), bool(use_clipped_model_output)), device)
-            guidance, mscale = self._guidance_args(model_output, guidance_scale, guidance_rescale, device)
-            prev, x0 = self._fused(
-                backend,
-                table[i],
-                model_output,
-                sample,
-                out_dtype=out_dtype,
-                noise=noise,
-                seed=seed,
-                offset=offset,
-                guidance=guidance,
-                mscale=mscale,
-                clip_range=self.config.clip_sample_range if self.config.clip_sample else 0.0,
-                thresholding=self.config.thresholding,
+            t = int(self._timestep_value(timestep))
+            prev_t = self._off_schedule_prev(t)
+            offset = len(self._timestep_values) + t  # a Philox offset no in-schedule step uses
+            coef = self._cached(
+                ("row", t, key, sample.device),
+                lambda: torch.from_numpy(self._coef_rows([t], [prev_t], *key)[0].astype(np.float32)).to(sample.device),
             )
-        if not return_dict:
-            return (prev, x0)
-        return SchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+        cfg = self.config
+        return StepPlan(
+            i,
+            table_key=key,
+            row=i,
+            coef=coef,
+            noise_dtype=model_output.dtype if opts["eta"] > 0 else None,
+            offset=offset,
+            clip_range=cfg.clip_sample_range if cfg.clip_sample else 0.0,
+            thresholding=cfg.thresholding,
+            state={"t": t, "prev_t": prev_t},
+        )
+
+    def _reference_step(self, plan, model_output, sample, noise, opts):
+        cfg = self.config
+        return reference.ddim_step(
+            model_output,
+            plan.state["t"],
+            sample,
+            alphas_cumprod=self.alphas_cumprod,
+            final_alpha_cumprod=self.final_alpha_cumprod,
+            prev_t=plan.state["prev_t"],
+            eta=opts["eta"],
+            use_clipped_model_output=opts["use_clipped_model_output"],
+            prediction_type=cfg.prediction_type,
+            clip_sample=cfg.clip_sample,
+            clip_sample_range=cfg.clip_sample_range,
+            thresholding=cfg.thresholding,
+            dynamic_thresholding_ratio=cfg.dynamic_thresholding_ratio,
+            sample_max_value=cfg.sample_max_value,
+            noise=noise,
+        )
 
     def add_noise(self, original_samples, noise, timesteps, *, noise_seed=None):
         """q(x_t | x_0) in one launch; see ``DDPMScheduler.add_noise``."""

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Union
 
 import numpy as np
 import torch
 
 from .. import coefs, reference
+from ..coefs import VarMode
 from ..schedules import (
     TIMESTEP_SPACINGS,
     alphas_cumprod_from_betas,
@@ -17,24 +17,20 @@ from ..schedules import (
     make_betas,
     spaced_timesteps,
 )
-from ._base import SchedulerBase, SchedulerOutput
+from ._base import SchedulerBase, SchedulerOutput, StepPlan
+from ._predict import PREDICTION_TYPES, vp_x0
 from ._registry import register
 
-PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
 
 DDPMSchedulerOutput = SchedulerOutput
 
 
-def x0_coefficients(prediction_type: str, alpha_prod_t: float) -> tuple[float, float, float]:
-    """(X_S, A_X, A_M) such that x0 = X_S * (A_X * x + A_M * model_output), in diffusers' operation order."""
-    a = alpha_prod_t
-    b = float(np.float32(1.0) - np.float32(a))  # diffusers forms 1 - abar in float32
-    if prediction_type == "epsilon":
-        return (1.0 / math.sqrt(a) if a > 0 else math.inf), 1.0, -math.sqrt(b)
-    if prediction_type == "sample":
-        return 1.0, 0.0, 1.0
-    return 1.0, math.sqrt(a), -math.sqrt(b)  # v_prediction
+def x0_coefficients(prediction_type: str, alpha_prod_t) -> tuple:
+    """(X_S, A_X, A_M) at abar_t (a float or a float64 array), with 1 - abar formed in float32 as diffusers
+    forms it."""
+    b = (np.float32(1.0) - np.asarray(alpha_prod_t, dtype=np.float32)).astype(np.float64)
+    return vp_x0(prediction_type, np.sqrt(alpha_prod_t), np.sqrt(b))
 
 
 @register(presets={"ddpm": ({}, {})})
@@ -107,45 +103,47 @@ class DDPMScheduler(SchedulerBase):
 
     def previous_timestep(self, timestep):
         """The timestep after ``timestep`` in the chain (-1 after the last), as a tensor like diffusers."""
-        i = self.index_for_timestep(timestep)
-        return torch.tensor(int(self._prev[i]))
+        return torch.tensor(int(self._prev[self._locate(timestep)]))
 
     # ------------------------------------------------------------------ coefficients
 
     def _coef_table(self) -> np.ndarray:
-        """One row per inference step. The posterior-mean and variance coefficients are formed in float32
-        with diffusers' operations in diffusers' order: 1 - abar_t / abar_prev cancels at small t, and the
-        float64 value differs from diffusers' by up to 1e-4 relative there (t = 1), enough to move diffusers'
-        own full-loop regression sums (measured: 387.9677 vs 387.9466 with noise)."""
-        cfg = self.config
-        acp32 = self.alphas_cumprod.cpu()
-        one = torch.tensor(1.0)
-        table = np.zeros((len(self._timestep_values), coefs.NCOEF))
-        for i, (t, prev_t) in enumerate(zip(self._timestep_values.tolist(), self._prev.tolist())):
-            a = acp32[t]
-            ap = acp32[prev_t] if prev_t >= 0 else one
-            b, bp = 1 - a, 1 - ap
-            cur_a = a / ap
-            cur_b = 1 - cur_a
-            row = table[i]
-            row[coefs.X_S], row[coefs.A_X], row[coefs.A_M] = x0_coefficients(cfg.prediction_type, float(a))
-            row[coefs.E_S] = 1.0
-            row[coefs.C_0] = float((ap ** (0.5) * cur_b) / b)
-            row[coefs.C_X] = float(cur_a ** (0.5) * bp / b)
-            var = torch.clamp(bp / b * cur_b, min=1e-20)
-            if t > 0:
-                vt = cfg.variance_type
-                if vt in ("fixed_small", "fixed_small_log"):
-                    row[coefs.SIGMA] = float(var**0.5)
-                elif vt in ("fixed_large", "fixed_large_log"):
-                    row[coefs.SIGMA] = float(cur_b**0.5)
-                else:
-                    row[coefs.SIGMA] = 1.0
-                    lo, hi = float(torch.log(var)), float(torch.log(cur_b))
-                    row[coefs.LV_A], row[coefs.LV_B] = (hi - lo) / 2, (hi + lo) / 2
+        """One row per inference step (Ho et al. 2020, eqs. 6-7: the posterior mean and variance). They are
+        formed in float32 with diffusers' operations in diffusers' order: 1 - abar_t / abar_prev cancels at
+        small t, and the float64 value differs from diffusers' by up to 1e-4 relative there (t = 1), enough to
+        move diffusers' own full-loop regression sums (measured: 387.9677 vs 387.9466 with noise)."""
+        t = torch.from_numpy(self._timestep_values.astype(np.int64))
+        prev_t = torch.from_numpy(self._prev.astype(np.int64))
+        acp = self.alphas_cumprod.cpu()
+        a = acp[t]
+        ap = torch.where(prev_t >= 0, acp[prev_t.clamp(min=0)], torch.ones(()))
+        b, bp = 1 - a, 1 - ap
+        cur_a = a / ap
+        cur_b = 1 - cur_a
+        var = torch.clamp(bp / b * cur_b, min=1e-20)
+        table = np.zeros((len(t), coefs.NCOEF))
+        table[:, coefs.X_S], table[:, coefs.A_X], table[:, coefs.A_M] = x0_coefficients(
+            self.config.prediction_type, a.double().numpy()
+        )
+        table[:, coefs.E_S] = 1.0
+        table[:, coefs.C_0] = ((ap ** (0.5) * cur_b) / b).double().numpy()
+        table[:, coefs.C_X] = (cur_a ** (0.5) * bp / b).double().numpy()
+        vt = self.config.variance_type
+        if vt in ("fixed_small", "fixed_small_log"):
+            sigma = (var**0.5).double().numpy()
+        elif vt in ("fixed_large", "fixed_large_log"):
+            sigma = (cur_b**0.5).double().numpy()
+        else:
+            sigma = np.ones(len(t))
+            lo, hi = torch.log(var).double().numpy(), torch.log(cur_b).double().numpy()
+            table[:, coefs.LV_A], table[:, coefs.LV_B] = (hi - lo) / 2, (hi + lo) / 2
+        table[:, coefs.SIGMA] = np.where(t.numpy() > 0, sigma, 0.0)  # no noise into x_0
         return table
 
     # ------------------------------------------------------------------ step
+
+    def _channel_factor(self) -> int:
+        return 2 if self.variance_type in ("learned", "learned_range") else 1
 
     def step(
         self,
@@ -166,71 +164,65 @@ class DDPMScheduler(SchedulerBase):
         Noise (when t > 0) is drawn exactly as diffusers draws it from ``generator`` (or the global RNG),
         unless ``noise_seed`` asks for in-kernel Philox noise. Returns ``SchedulerOutput`` or a tuple.
         """
-        learned = self.variance_type in ("learned", "learned_range")
-        batch = self._validate_step(model_output, sample, guidance_scale, 2 if learned else 1)
-        if learned and guidance_scale is not None:
+        if self._channel_factor() == 2 and guidance_scale is not None:
             raise ValueError(
                 f"`guidance_scale` cannot be combined with variance_type {self.variance_type!r}: guide the model "
                 "output before the step"
             )
-        i = self.index_for_timestep(timestep)
+        return self._step(
+            model_output,
+            timestep,
+            sample,
+            {},
+            generator=generator,
+            return_dict=return_dict,
+            guidance_scale=guidance_scale,
+            guidance_rescale=guidance_rescale,
+            noise_seed=noise_seed,
+        )
+
+    def draws_noise(self, step_kwargs=None) -> bool:
+        return True
+
+    def _plan(self, i, timestep, model_output, sample, opts) -> StepPlan:
         t = int(self._timestep_values[i])
-        device = sample.device
         channels = sample.shape[1]
-        eps_part = model_output[:, :channels] if learned else model_output
-        out_dtype = torch.result_type(sample, model_output)
-        backend = self._resolve_backend(device)
+        learned = self._channel_factor() == 2
+        eps = model_output[:, :channels] if learned else model_output
+        cfg = self.config
+        return StepPlan(
+            i,
+            row=i,
+            noise_dtype=eps.dtype if t > 0 else None,
+            offset=i,
+            model_output=eps,
+            var=model_output[:, channels:] if learned else None,
+            var_mode={"learned": VarMode.LEARNED, "learned_range": VarMode.LEARNED_RANGE}.get(
+                self.variance_type, VarMode.FIXED
+            ),
+            clip_range=cfg.clip_sample_range if cfg.clip_sample else 0.0,
+            thresholding=cfg.thresholding,
+            state={"t": t, "prev_t": int(self._prev[i]), "full_output": model_output},
+        )
 
-        noise = seed = offset = None
-        if t > 0:
-            noise, seed, offset = self._draw_noise(
-                sample.shape, generator, device, eps_part.dtype, noise_seed, None, batch, i
-            )
-
-        if backend == "reference":
-            noise = self._reference_noise(noise, seed, offset, sample, eps_part.dtype)
-            mo = self._reference_guided(model_output, guidance_scale, guidance_rescale)
-            cfg = self.config
-            prev, x0 = reference.ddpm_step(
-                mo,
-                t,
-                sample,
-                alphas_cumprod=self.alphas_cumprod,
-                prev_t=int(self._prev[i]),
-                prediction_type=cfg.prediction_type,
-                variance_type=cfg.variance_type,
-                clip_sample=cfg.clip_sample,
-                clip_sample_range=cfg.clip_sample_range,
-                thresholding=cfg.thresholding,
-                dynamic_thresholding_ratio=cfg.dynamic_thresholding_ratio,
-                sample_max_value=cfg.sample_max_value,
-                noise=noise,
-            )
-        else:
-            table = self._device_table((), device)
-            var_mode = {"learned": coefs.VAR_LEARNED, "learned_range": coefs.VAR_LEARNED_RANGE}.get(
-                self.variance_type, coefs.VAR_FIXED
-            )
-            guidance, mscale = self._guidance_args(model_output, guidance_scale, guidance_rescale, device)
-            prev, x0 = self._fused(
-                backend,
-                table[i],
-                eps_part,
-                sample,
-                out_dtype=out_dtype,
-                noise=noise,
-                seed=seed,
-                offset=offset,
-                guidance=guidance,
-                mscale=mscale,
-                var=model_output[:, channels:] if learned else None,
-                var_mode=var_mode if learned else coefs.VAR_FIXED,
-                clip_range=self.config.clip_sample_range if self.config.clip_sample else 0.0,
-                thresholding=self.config.thresholding,
-            )
-        if not return_dict:
-            return (prev, x0)
-        return SchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+    def _reference_step(self, plan, model_output, sample, noise, opts):
+        cfg = self.config
+        full = plan.state["full_output"] if plan.var is not None else model_output
+        return reference.ddpm_step(
+            full,
+            plan.state["t"],
+            sample,
+            alphas_cumprod=self.alphas_cumprod,
+            prev_t=plan.state["prev_t"],
+            prediction_type=cfg.prediction_type,
+            variance_type=cfg.variance_type,
+            clip_sample=cfg.clip_sample,
+            clip_sample_range=cfg.clip_sample_range,
+            thresholding=cfg.thresholding,
+            dynamic_thresholding_ratio=cfg.dynamic_thresholding_ratio,
+            sample_max_value=cfg.sample_max_value,
+            noise=noise,
+        )
 
     # ------------------------------------------------------------------ forward process
 
@@ -296,32 +288,12 @@ def add_noise_train_timesteps(sched, original_samples, noise, timesteps, noise_s
         bad = (timesteps < 0) | (timesteps >= T)
         if bool(bad.any()):
             raise ValueError(f"`timesteps` must lie in [0, {T}), got {timesteps[bad].tolist()}")
-    if noise is None and noise_seed is None:
-        raise ValueError("`noise` is required (or pass `noise_seed` for in-kernel Philox noise)")
-    if noise is not None and tuple(noise.shape) != tuple(x.shape):
-        raise ValueError(f"`noise` has shape {tuple(noise.shape)}; expected {tuple(x.shape)} like original_samples")
-    if noise is not None and noise.device != x.device:
-        raise ValueError(f"`noise` is on {noise.device}; expected {x.device} like original_samples")
-    backend = sched._resolve_backend(x.device)
-    if backend == "reference":
-        if noise is None:
-            noise = sched._add_noise_philox(x, noise_seed)
-        return reference.add_noise(sched.alphas_cumprod, x, noise, timesteps)
-    from .. import ops
 
     def table():
         acp = sched.alphas_cumprod.double()
         return torch.stack([acp.sqrt(), (1 - acp).sqrt()], dim=1).float().contiguous().to(x.device)
 
-    seed = sched._seed_tensor(noise_seed, x.shape[0], x.device) if noise is None else None
-    offset = sched._offset_tensor(0, x.device) if noise is None else None
-    return ops.add_noise(
-        x,
-        sched._cached(("add_noise", x.device), table),
-        timesteps.to(x.device),
-        backend=sched._add_noise_backend(backend, x, noise),
-        routed=True,
-        noise=noise,
-        seed=seed,
-        offset=offset,
-    )
+    def ref(x, noise, index):
+        return reference.add_noise(sched.alphas_cumprod, x, noise, index)
+
+    return sched._add_noise(x, noise, timesteps, noise_seed, "train", table, ref)

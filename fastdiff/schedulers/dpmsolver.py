@@ -10,6 +10,7 @@ loop replays it exactly.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional, Union
 
 import numpy as np
@@ -23,11 +24,12 @@ from ..schedules import (
     check_sigma_spacing_flags,
     dpm_schedule,
 )
-from ._base import SchedulerOutput
+from ._base import SchedulerOutput, StepPlan
+from ._predict import vp_x0
 from ._registry import register
 from ._sigma import SigmaSchedulerBase
 
-ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++")
+ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver")
 
 
 def _alpha_sigma(s: float) -> tuple[float, float]:
@@ -46,6 +48,47 @@ def _lam(s: float) -> float:
     return math.inf if s == 0 else -math.log(s)  # log(alpha) - log(sigma_t) = -log(sigma)
 
 
+def _eps_coefficients(prediction_type: str, alpha: float, sigma: float) -> tuple[float, float, float]:
+    """(X_S, A_X, A_M) of the noise prediction eps = X_S (A_X x + A_M m) that DPM-Solver integrates."""
+    if prediction_type == "epsilon":
+        return 1.0, 0.0, 1.0
+    if prediction_type == "sample":
+        return 1.0 / sigma, 1.0, -alpha
+    return 1.0, sigma, alpha  # v_prediction
+
+
+def _first_order(algorithm: str, a_t, s_t, a_0, s_0, h) -> tuple[float, float, float]:
+    """(c_x, c_d0, std): the first-order update x_t = c_x x + c_d0 D0 + std z of each algorithm."""
+    em = 0.0 if math.isinf(h) else math.exp(-h)
+    if algorithm == "dpmsolver++":
+        return s_t / s_0, -a_t * (em - 1.0), 0.0
+    if algorithm == "sde-dpmsolver++":
+        return s_t / s_0 * em, a_t * (1.0 - em * em), s_t * math.sqrt(max(1.0 - em * em, 0.0))
+    ep = math.exp(h)  # DPM-Solver never steps onto sigma = 0 (final_sigmas_type "sigma_min" is required)
+    if algorithm == "dpmsolver":
+        return a_t / a_0, -s_t * (ep - 1.0), 0.0
+    return a_t / a_0, -2.0 * s_t * (ep - 1.0), s_t * math.sqrt(max(ep * ep - 1.0, 0.0))  # sde-dpmsolver
+
+
+def _higher_order(algorithm: str, solver_type: str, order: int, a_t, s_t, h) -> tuple[float, float]:
+    """(c_d1, c_d2) multiplying the divided differences D1, D2 in a second- or third-order update."""
+    if h == 0:
+        return 0.0, 0.0  # the h -> 0 limit of every variant
+    em, ep = math.exp(-h), math.exp(h)
+    heun = order == 3 or solver_type == "heun"
+    if algorithm == "dpmsolver++":
+        c_d1 = a_t * ((em - 1.0) / h + 1.0) if heun else -0.5 * a_t * (em - 1.0)
+        return c_d1, -a_t * ((em - 1.0 + h) / h**2 - 0.5)
+    if algorithm == "sde-dpmsolver++":
+        c_d1 = a_t * ((1.0 - em * em) / (-2.0 * h) + 1.0) if heun else 0.5 * a_t * (1.0 - em * em)
+        return c_d1, a_t * ((1.0 - em * em - 2.0 * h) / (2.0 * h) ** 2 - 0.5)
+    if algorithm == "dpmsolver":
+        c_d1 = -s_t * ((ep - 1.0) / h - 1.0) if heun else -0.5 * s_t * (ep - 1.0)
+        return c_d1, -s_t * ((ep - 1.0 - h) / h**2 - 0.5)
+    c_d1 = -2.0 * s_t * ((ep - 1.0) / h - 1.0) if heun else -s_t * (ep - 1.0)  # sde-dpmsolver (orders 1-2)
+    return c_d1, math.nan
+
+
 @register(
     presets={
         "dpm++2m": ({}, {}),
@@ -54,9 +97,10 @@ def _lam(s: float) -> float:
     }
 )
 class DPMSolverMultistepScheduler(SigmaSchedulerBase):
-    """DPM-Solver++ multistep (Lu et al. 2022), as diffusers' ``DPMSolverMultistepScheduler`` for
-    ``algorithm_type`` "dpmsolver++" and "sde-dpmsolver++". The deprecated "dpmsolver"/"sde-dpmsolver",
-    flow-matching sigmas and dynamic shifting are not supported and raise. Extras in ``step``:
+    """DPM-Solver multistep (Lu et al. 2022), as diffusers' ``DPMSolverMultistepScheduler``: ``algorithm_type``
+    "dpmsolver++" and "sde-dpmsolver++" (data prediction), and the deprecated "dpmsolver" and "sde-dpmsolver"
+    (noise prediction); ``variance_type`` "learned"/"learned_range" takes the epsilon half of a doubled model
+    output. Flow-matching sigmas and dynamic shifting are not supported yet and raise. Extras in ``step``:
     ``guidance_scale``, ``guidance_rescale``, ``noise_seed``."""
 
     _compatibles = [
@@ -107,6 +151,23 @@ class DPMSolverMultistepScheduler(SigmaSchedulerBase):
             solver_type = "midpoint"
         self._register_config(locals(), backend)
         check_choice("algorithm_type", algorithm_type, ALGORITHMS)
+        if algorithm_type in ("dpmsolver", "sde-dpmsolver"):
+            if final_sigmas_type == "zero":
+                raise ValueError(
+                    f"`final_sigmas_type`='zero' is not supported for `algorithm_type`={algorithm_type!r} (its update "
+                    "divides by sigma = 0 at the end); choose 'sigma_min', as diffusers requires"
+                )
+            warnings.warn(
+                f"algorithm_type {algorithm_type!r} is deprecated in diffusers; choose 'dpmsolver++' or "
+                "'sde-dpmsolver++'",
+                FutureWarning,
+                stacklevel=2,
+            )
+        if algorithm_type == "sde-dpmsolver" and solver_order == 3:
+            raise ValueError(
+                "`solver_order`=3 is not defined for `algorithm_type`='sde-dpmsolver' (diffusers has no third-order "
+                "SDE-DPM-Solver update and fails at the first third-order step); use solver_order 1 or 2"
+            )
         check_choice("solver_type", solver_type, ("midpoint", "heun"))
         check_choice("solver_order", solver_order, (1, 2, 3))
         check_choice("prediction_type", prediction_type, ("epsilon", "sample", "v_prediction"))
@@ -116,8 +177,6 @@ class DPMSolverMultistepScheduler(SigmaSchedulerBase):
         for name, value in (("use_flow_sigmas", use_flow_sigmas), ("use_dynamic_shifting", use_dynamic_shifting)):
             if value:
                 raise ValueError(f"`{name}`=True (flow matching) is not supported by fastdiff's DPM-Solver++")
-        if variance_type is not None:
-            raise ValueError(f"`variance_type`={variance_type!r} is not supported: pass the epsilon half of the output")
         self._init_betas(
             num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr
         )
@@ -176,41 +235,42 @@ class DPMSolverMultistepScheduler(SigmaSchedulerBase):
             return 2
         return 3
 
+    @property
+    def _noise_prediction(self) -> bool:
+        """DPM-Solver (not ++) integrates the noise prediction: its history holds eps, not x0."""
+        return self.config.algorithm_type in ("dpmsolver", "sde-dpmsolver")
+
+    def _channel_factor(self) -> int:
+        learned = self.config.variance_type in ("learned", "learned_range")
+        return 2 if learned and self.config.prediction_type == "epsilon" else 1
+
     def _coef_table(self) -> np.ndarray:
-        """Rows [step i, order - 1]: x0 conversion at sigma_i and the update to sigma_{i+1}."""
+        """Rows [step i, order - 1]: the model output converted at sigma_i (to x0 for DPM-Solver++, to eps
+        for DPM-Solver), then the multistep update to sigma_{i+1} (Lu et al. 2022, Algorithms 1-2)."""
         cfg = self.config
         sig = self._sigma_values.astype(np.float64)
         n = len(self._timestep_values)
         table = np.zeros((n, 3, coefs.NCOEF))
-        sde = cfg.algorithm_type == "sde-dpmsolver++"
         for i in range(n):
             a0, s0 = _alpha_sigma(float(sig[i]))
-            for order in (1, 2, 3):
-                if order > i + 1:
-                    continue
+            if self._noise_prediction:
+                convert = _eps_coefficients(cfg.prediction_type, a0, s0)
+            else:
+                convert = vp_x0(cfg.prediction_type, a0, s0)
+            for order in range(1, min(i + 1, 3) + 1):
                 row = table[i, order - 1]
-                if cfg.prediction_type == "epsilon":
-                    row[coefs.X_S], row[coefs.A_X], row[coefs.A_M] = 1.0 / a0, 1.0, -s0
-                elif cfg.prediction_type == "sample":
-                    row[coefs.X_S], row[coefs.A_X], row[coefs.A_M] = 1.0, 0.0, 1.0
-                else:
-                    row[coefs.X_S], row[coefs.A_X], row[coefs.A_M] = 1.0, a0, -s0
-                self._fill_update(row, sig, i, order, sde)
+                row[coefs.X_S], row[coefs.A_X], row[coefs.A_M] = convert
+                self._fill_update(row, sig, i, order)
         return table
 
-    def _fill_update(self, row, sig, i, order, sde):
+    def _fill_update(self, row, sig, i, order):
+        """x_t = C_X x + c_d0 D0 + c_d1 D1 + c_d2 D2 + SIGMA z, with D1, D2 the divided differences of the history
+        written out as multiples of m0, m1, m2 (C_0, H_1, H_2)."""
         a_t, s_t = _alpha_sigma(float(sig[i + 1]))
-        _, s_0 = _alpha_sigma(float(sig[i]))
+        a_0, s_0 = _alpha_sigma(float(sig[i]))
         h = _lam(float(sig[i + 1])) - _lam(float(sig[i]))
-        em = 0.0 if math.isinf(h) else math.exp(-h)  # exp(-h)
-        em2 = em * em
-        if sde:
-            row[coefs.C_X] = s_t / s_0 * em
-            row[coefs.SIGMA] = s_t * math.sqrt(max(1.0 - em2, 0.0))
-            c_d0 = a_t * (1.0 - em2)
-        else:
-            row[coefs.C_X] = s_t / s_0
-            c_d0 = -a_t * (em - 1.0)
+        c_x, c_d0, sigma = _first_order(self.config.algorithm_type, a_t, s_t, a_0, s_0, h)
+        row[coefs.C_X], row[coefs.SIGMA] = c_x, sigma
         if order == 1:
             row[coefs.C_0] = c_d0
             return
@@ -221,28 +281,13 @@ class DPMSolverMultistepScheduler(SigmaSchedulerBase):
         # last sigma), where diffusers' D1 = (1 / r0) (m0 - m1) vanishes and the step returns the sample
         h_0 = _lam(float(sig[i])) - _lam(float(sig[i - 1]))
         inv_r0 = _ratio(h, h_0)
-        heun = self.config.solver_type == "heun"
-        if order == 2:
-            if h == 0:
-                c_d1 = 0.0  # the h -> 0 limit of every variant
-            elif sde:
-                c_d1 = a_t * ((1.0 - em2) / (-2.0 * h) + 1.0) if heun else 0.5 * a_t * (1.0 - em2)
-            else:
-                c_d1 = a_t * ((em - 1.0) / h + 1.0) if heun else -0.5 * a_t * (em - 1.0)
-            # D1 = (m0 - m1) / r0
+        c_d1, c_d2 = _higher_order(self.config.algorithm_type, self.config.solver_type, order, a_t, s_t, h)
+        if order == 2:  # D1 = (m0 - m1) / r0
             row[coefs.C_0] = c_d0 + c_d1 * inv_r0
             row[coefs.H_1] = -c_d1 * inv_r0
             return
         h_1 = _lam(float(sig[i - 1])) - _lam(float(sig[i - 2]))
         inv_r1 = _ratio(h, h_1)
-        if h == 0:
-            c_d1 = c_d2 = 0.0
-        elif sde:
-            c_d1 = a_t * ((1.0 - em2) / (-2.0 * h) + 1.0)
-            c_d2 = a_t * ((1.0 - em2 - 2.0 * h) / (2.0 * h) ** 2 - 0.5)
-        else:
-            c_d1 = a_t * ((em - 1.0) / h + 1.0)
-            c_d2 = -a_t * ((em - 1.0 + h) / h**2 - 0.5)
         # D1 = (1 + k) D1_0 - k D1_1, D2 = q (D1_0 - D1_1), D1_0 = (m0 - m1) / r0, D1_1 = (m1 - m2) / r1,
         # with k = r0 / (r0 + r1) = h_0 / (h_0 + h_1) and q = 1 / (r0 + r1) = h / (h_0 + h_1)
         k, q = _ratio(h_0, h_0 + h_1), _ratio(h, h_0 + h_1)
@@ -273,58 +318,67 @@ class DPMSolverMultistepScheduler(SigmaSchedulerBase):
         """One multistep DPM-Solver++ step. For "sde-dpmsolver++" the noise comes from ``variance_noise``,
         ``generator`` (float32 draws, as diffusers) or Philox with ``noise_seed``. Returns ``prev_sample``
         (``pred_original_sample`` is None, as in diffusers)."""
-        self._check_ready()
-        batch = self._validate_step(model_output, sample, guidance_scale)
-        i = self._current_index(timestep)
+        if self.num_inference_steps is None:
+            raise ValueError(
+                "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler"
+            )
+        return self._step(
+            model_output,
+            timestep,
+            sample,
+            {},
+            generator=generator,
+            variance_noise=variance_noise,
+            return_dict=return_dict,
+            guidance_scale=guidance_scale,
+            guidance_rescale=guidance_rescale,
+            noise_seed=noise_seed,
+        )
+
+    def draws_noise(self, step_kwargs=None) -> bool:
+        return self.config.algorithm_type.startswith("sde")
+
+    def _plan(self, i, timestep, model_output, sample, opts) -> StepPlan:
+        cfg = self.config
         order = self._order_at(i, self.lower_order_nums)
-        device = sample.device
-        backend = self._resolve_backend(device)
-        noise = seed = offset = None
-        if self.config.algorithm_type == "sde-dpmsolver++":
-            noise, seed, offset = self._draw_noise(
-                sample.shape, generator, device, torch.float32, noise_seed, variance_noise, batch, i
-            )
-            if noise is not None:
-                noise = noise.to(torch.float32)
-        if backend == "reference":
-            prev = self._reference_step(
-                model_output, sample, i, order, noise, seed, offset, guidance_scale, guidance_rescale
-            )
-        else:
-            hist = self._history(sample.shape, model_output.dtype, device)
-            slot = self._taken % self.config.solver_order
-            prior = tuple(hist[(self._taken - k) % self.config.solver_order] for k in range(1, order))
-            guidance, mscale = self._guidance_args(model_output, guidance_scale, guidance_rescale, device)
-            table = self._device_table((), device)
-            prev, _ = self._fused(
-                backend,
-                table[i, order - 1],
-                model_output,
-                sample,
-                out_dtype=model_output.dtype,
-                noise=noise,
-                seed=seed,
-                offset=offset,
-                guidance=guidance,
-                mscale=mscale,
-                hist=prior,
-                thresholding=self.config.thresholding,
-                x0_out=hist[slot],
-            )
+        n = cfg.solver_order
+        m = model_output[:, : sample.shape[1]] if self._channel_factor() == 2 else model_output
+        hist = self._history(sample.shape, m.dtype, sample.device)
+        return StepPlan(
+            i,
+            row=(i, order - 1),
+            noise_dtype=torch.float32 if cfg.algorithm_type.startswith("sde") else None,
+            offset=i,
+            model_output=m,
+            hist=tuple(hist[(self._taken - k) % n] for k in range(1, order)),
+            x0_out=hist[self._taken % n],
+            out_dtype=m.dtype,
+            x0_dtype=m.dtype,
+            thresholding=cfg.thresholding,
+            # thresholding acts on x0, while DPM-Solver's history holds eps: the kernel row cannot express
+            # eps -> x0 -> threshold -> eps, so that rare combination runs the reference step
+            reference_only=cfg.thresholding and self._noise_prediction,
+            state={"order": order},
+        )
+
+    def _advance(self, plan) -> None:
         if self.lower_order_nums < self.config.solver_order:
             self.lower_order_nums += 1
         self._taken += 1
-        self._step_index = i + 1
+        super()._advance(plan)
+
+    def _output(self, prev, x0, return_dict: bool):
         if not return_dict:
             return (prev,)
         return SchedulerOutput(prev_sample=prev, pred_original_sample=None)
 
-    def _reference_step(self, model_output, sample, i, order, noise, seed, offset, guidance_scale, guidance_rescale):
+    def _reference_step(self, plan, model_output, sample, noise, opts):
         cfg = self.config
-        if seed is not None:
-            noise = self._reference_noise(None, seed, offset, sample, torch.float32)
-        model_output = self._reference_guided(model_output, guidance_scale, guidance_rescale)
-        x0 = reference.dpm_x0(
+        i, order = plan.i, plan.state["order"]
+        if noise is not None:
+            noise = noise.to(torch.float32)
+        convert = reference.dpm_eps if self._noise_prediction else reference.dpm_x0
+        m = convert(
             model_output,
             sample,
             self.sigmas[i],
@@ -333,7 +387,7 @@ class DPMSolverMultistepScheduler(SigmaSchedulerBase):
             cfg.dynamic_thresholding_ratio,
             cfg.sample_max_value,
         )
-        self.model_outputs = self.model_outputs[1:] + [x0]
+        self.model_outputs = self.model_outputs[1:] + [m]
         sig = [self.sigmas[i + 1], self.sigmas[i]] + [self.sigmas[i - k] for k in range(1, order)]
         prev = reference.dpm_update(
             self.model_outputs,
@@ -344,10 +398,16 @@ class DPMSolverMultistepScheduler(SigmaSchedulerBase):
             solver_type=cfg.solver_type,
             noise=noise,
         )
-        return prev.to(model_output.dtype)
+        return prev.to(model_output.dtype), None
 
     def scale_model_input(self, sample: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return sample
+
+    def _first_index(self, timestep) -> int:
+        """diffusers' DPM-Solver rule: a timestep that is not in the schedule starts at the last step."""
+        if self._begin_index is None and self.index_for_timestep(timestep) is None:
+            return len(self._timestep_values) - 1
+        return super()._first_index(timestep)
 
     def _add_noise_rows(self) -> np.ndarray:
         sig = self._sigma_values.astype(np.float64)

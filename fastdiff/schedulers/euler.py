@@ -3,7 +3,6 @@ samplers): one fused launch per step, diffusers' constructor, API and noise draw
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Union
 
 import numpy as np
@@ -11,7 +10,8 @@ import torch
 
 from .. import coefs, reference
 from ..schedules import TIMESTEP_SPACINGS, check_choice, check_sigma_spacing_flags, euler_schedule
-from ._base import SchedulerOutput
+from ._base import StepPlan
+from ._predict import ve_x0
 from ._registry import register
 from ._sigma import SigmaSchedulerBase
 
@@ -25,31 +25,24 @@ _COMPATIBLES = [
 ]
 
 
-def euler_x0_coefficients(prediction_type: str, sigma: float, sigma_hat: float) -> tuple[float, float, float]:
-    """(X_S, A_X, A_M): x0 = X_S * (A_X * x + A_M * m), in diffusers' operation order."""
-    if prediction_type == "epsilon":
-        return 1.0, 1.0, -sigma_hat
-    if prediction_type == "v_prediction":
-        return 1.0, 1.0 / (sigma**2 + 1), -sigma / math.sqrt(sigma**2 + 1)
-    return 1.0, 0.0, 1.0  # sample / original_sample
-
-
 class _EulerCommon(SigmaSchedulerBase):
-    """scale_model_input, init_noise_sigma, the fused-step call and the reference call."""
+    """What Euler and Euler a share: scale_model_input, init_noise_sigma, forward noising, outputs."""
 
     _compatibles = _COMPATIBLES
     order = 1
 
     @property
-    def init_noise_sigma(self) -> float:
-        max_sigma = float(self._sigma_values.max())
+    def init_noise_sigma(self) -> torch.Tensor:
+        """The starting noise's std, a 0-d float32 tensor like diffusers' (sigma_max, or sqrt(sigma_max^2 + 1)
+        for "leading" spacing)."""
+        max_sigma = self.sigmas.max()
         if self.config.timestep_spacing in ("linspace", "trailing"):
             return max_sigma
         return (max_sigma**2 + 1) ** 0.5
 
     def scale_model_input(self, sample: torch.Tensor, timestep) -> torch.Tensor:
         """sample / sqrt(sigma^2 + 1): the VE sample rescaled to the model's unit-variance input."""
-        i = self._current_index(timestep)
+        i = self._locate(timestep)
         sigma = torch.tensor(self._sigma_values[i])
         self.is_scale_input_called = True
         return sample / ((sigma**2 + 1) ** 0.5)
@@ -59,37 +52,29 @@ class _EulerCommon(SigmaSchedulerBase):
         rows[:, 1] = self._sigma_values
         return rows
 
-    def _fast_step(
-        self, backend, table, i, model_output, sample, noise, seed, offset, guidance_scale, guidance_rescale
-    ):
-        device = sample.device
-        guidance, mscale = self._guidance_args(model_output, guidance_scale, guidance_rescale, device)
-        return self._fused(
-            backend,
-            table[i],
-            model_output,
-            sample,
-            out_dtype=model_output.dtype,
-            x0_dtype=torch.promote_types(model_output.dtype, torch.float32),
-            noise=noise,
-            seed=seed,
-            offset=offset,
-            guidance=guidance,
-            mscale=mscale,
-        )
-
-    def _check_step_inputs(self, model_output, timestep, sample, guidance_scale):
-        self._check_ready()
+    def _check_timestep(self, timestep) -> None:
         if isinstance(timestep, (int, np.integer)) or (
             isinstance(timestep, torch.Tensor)
             and not timestep.is_floating_point()
             and self.timesteps.is_floating_point()
         ):
             raise ValueError(
-                "Passing integer indices (e.g. from `enumerate(timesteps)`) as `timestep` is not supported; pass "
-                "one of `scheduler.timesteps`"
+                "Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to `EulerDiscreteScheduler"
+                ".step()` is not supported. Make sure to pass one of the `scheduler.timesteps` as a timestep."
             )
-        return self._validate_step(model_output, sample, guidance_scale)
+
+    def _euler_plan(self, i, model_output, table_key, noise: bool, **state) -> StepPlan:
+        """Euler's outputs as diffusers forms them: prev in the model output's dtype, x0 in float32 or wider."""
+        return StepPlan(
+            i,
+            table_key=table_key,
+            row=i,
+            noise_dtype=model_output.dtype if noise else None,
+            offset=i,
+            out_dtype=model_output.dtype,
+            x0_dtype=torch.promote_types(model_output.dtype, torch.float32),
+            state=state,
+        )
 
 
 @register(presets={"euler": ({}, {})})
@@ -177,22 +162,22 @@ class EulerDiscreteScheduler(_EulerCommon):
         self._install(ts, sig, device)
 
     def _coef_table(self, s_churn: float, s_tmin: float, s_tmax: float, s_noise: float) -> np.ndarray:
+        """Karras et al. 2022, Algorithm 2: optional churn to sigma_hat, x0, then one Euler step of
+        d = (x - x0) / sigma_hat to the next sigma."""
         sig = self._sigma_values.astype(np.float64)
-        n = len(self._timestep_values)
-        table = np.zeros((n, coefs.NCOEF))
-        for i in range(n):
-            sigma = float(sig[i])
-            gamma = min(s_churn / (len(sig) - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
-            sigma_hat = float(np.float32(sigma) * np.float32(gamma + 1))  # diffusers forms it in float32
-            row = table[i]
-            row[coefs.X_S], row[coefs.A_X], row[coefs.A_M] = euler_x0_coefficients(
-                self.config.prediction_type, sigma, sigma_hat
-            )
-            if gamma > 0:
-                row[coefs.K_PRE] = s_noise * math.sqrt(max(sigma_hat**2 - sigma**2, 0.0))
-            # derivative = (x - x0) / sigma_hat; prev = x + derivative * (sigma_next - sigma_hat)
-            row[coefs.E_S], row[coefs.E_X], row[coefs.E_0] = 1.0 / sigma_hat, 1.0, -1.0
-            row[coefs.C_X], row[coefs.C_E] = 1.0, float(sig[i + 1]) - sigma_hat
+        sigma, sigma_next = sig[:-1], sig[1:]
+        gamma = np.where((s_tmin <= sigma) & (sigma <= s_tmax), min(s_churn / (len(sig) - 1), 2**0.5 - 1), 0.0)
+        sigma_hat = (sigma.astype(np.float32) * (gamma + 1).astype(np.float32)).astype(np.float64)  # as diffusers
+        table = np.zeros((len(sigma), coefs.NCOEF))
+        table[:, coefs.X_S], table[:, coefs.A_X], table[:, coefs.A_M] = ve_x0(
+            self.config.prediction_type, sigma, sigma_hat
+        )
+        table[:, coefs.K_PRE] = np.where(gamma > 0, s_noise * np.sqrt(np.maximum(sigma_hat**2 - sigma**2, 0.0)), 0.0)
+        # derivative = (x - x0) / sigma_hat; prev = x + derivative * (sigma_next - sigma_hat)
+        with np.errstate(divide="ignore"):
+            table[:, coefs.E_S] = 1.0 / sigma_hat
+        table[:, coefs.E_X], table[:, coefs.E_0] = 1.0, -1.0
+        table[:, coefs.C_X], table[:, coefs.C_E] = 1.0, sigma_next - sigma_hat
         return table
 
     def step(
@@ -213,39 +198,41 @@ class EulerDiscreteScheduler(_EulerCommon):
     ):
         """One Euler step to the next sigma. With ``s_churn`` > 0 the sample is first pushed to a higher
         sigma with fresh noise (drawn like diffusers from ``generator``, or Philox with ``noise_seed``)."""
-        batch = self._check_step_inputs(model_output, timestep, sample, guidance_scale)
-        i = self._current_index(timestep)
-        device = sample.device
+        self._check_timestep(timestep)
+        return self._step(
+            model_output,
+            timestep,
+            sample,
+            {"s_churn": float(s_churn), "s_tmin": float(s_tmin), "s_tmax": float(s_tmax), "s_noise": float(s_noise)},
+            generator=generator,
+            return_dict=return_dict,
+            guidance_scale=guidance_scale,
+            guidance_rescale=guidance_rescale,
+            noise_seed=noise_seed,
+        )
+
+    def draws_noise(self, step_kwargs=None) -> bool:
+        return (step_kwargs or {}).get("s_churn", 0.0) > 0
+
+    def _plan(self, i, timestep, model_output, sample, opts) -> StepPlan:
         sigma = float(self._sigma_values[i])
-        gamma = min(s_churn / (len(self._sigma_values) - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
-        backend = self._resolve_backend(device)
-        noise = seed = offset = None
-        if gamma > 0:
-            noise, seed, offset = self._draw_noise(
-                sample.shape, generator, device, model_output.dtype, noise_seed, None, batch, i
-            )
-        if backend == "reference":
-            noise = self._reference_noise(noise, seed, offset, sample, model_output.dtype)
-            mo = self._reference_guided(model_output, guidance_scale, guidance_rescale)
-            prev, x0 = reference.euler_step(
-                mo,
-                sample,
-                sigma=self.sigmas[i],
-                sigma_next=self.sigmas[i + 1],
-                prediction_type=self.config.prediction_type,
-                gamma=gamma,
-                s_noise=s_noise,
-                noise=noise,
-            )
-        else:
-            table = self._device_table((float(s_churn), float(s_tmin), float(s_tmax), float(s_noise)), device)
-            prev, x0 = self._fast_step(
-                backend, table, i, model_output, sample, noise, seed, offset, guidance_scale, guidance_rescale
-            )
-        self._step_index = i + 1
-        if not return_dict:
-            return (prev, x0)
-        return SchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+        churn = opts["s_churn"] / (len(self._sigma_values) - 1)
+        gamma = min(churn, 2**0.5 - 1) if opts["s_tmin"] <= sigma <= opts["s_tmax"] else 0.0
+        key = (opts["s_churn"], opts["s_tmin"], opts["s_tmax"], opts["s_noise"])
+        return self._euler_plan(i, model_output, key, gamma > 0, gamma=gamma)
+
+    def _reference_step(self, plan, model_output, sample, noise, opts):
+        i = plan.i
+        return reference.euler_step(
+            model_output,
+            sample,
+            sigma=self.sigmas[i],
+            sigma_next=self.sigmas[i + 1],
+            prediction_type=self.config.prediction_type,
+            gamma=plan.state["gamma"],
+            s_noise=opts["s_noise"],
+            noise=noise,
+        )
 
 
 @register(presets={"euler-a": ({}, {})})
@@ -295,20 +282,20 @@ class EulerAncestralDiscreteScheduler(_EulerCommon):
         self._install(ts, sig, device)
 
     def _coef_table(self) -> np.ndarray:
+        """Ancestral Euler: split the step to sigma_next into a deterministic step to sigma_down and fresh
+        noise of std sigma_up."""
         sig = self._sigma_values.astype(np.float64)
-        n = len(self._timestep_values)
-        table = np.zeros((n, coefs.NCOEF))
-        for i in range(n):
-            s_from, s_to = float(sig[i]), float(sig[i + 1])
-            s_up = math.sqrt(max(s_to**2 * (s_from**2 - s_to**2) / s_from**2, 0.0))
-            s_down = math.sqrt(max(s_to**2 - s_up**2, 0.0))
-            row = table[i]
-            row[coefs.X_S], row[coefs.A_X], row[coefs.A_M] = euler_x0_coefficients(
+        s_from, s_to = sig[:-1], sig[1:]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            s_up = np.sqrt(np.maximum(s_to**2 * (s_from**2 - s_to**2) / s_from**2, 0.0))
+            s_down = np.sqrt(np.maximum(s_to**2 - s_up**2, 0.0))
+            table = np.zeros((len(s_from), coefs.NCOEF))
+            table[:, coefs.X_S], table[:, coefs.A_X], table[:, coefs.A_M] = ve_x0(
                 self.config.prediction_type, s_from, s_from
             )
-            row[coefs.E_S], row[coefs.E_X], row[coefs.E_0] = 1.0 / s_from, 1.0, -1.0
-            row[coefs.C_X], row[coefs.C_E] = 1.0, s_down - s_from
-            row[coefs.SIGMA] = s_up
+            table[:, coefs.E_S], table[:, coefs.E_X], table[:, coefs.E_0] = 1.0 / s_from, 1.0, -1.0
+        table[:, coefs.C_X], table[:, coefs.C_E] = 1.0, s_down - s_from
+        table[:, coefs.SIGMA] = s_up
         return table
 
     def step(
@@ -324,38 +311,31 @@ class EulerAncestralDiscreteScheduler(_EulerCommon):
         noise_seed=None,
     ):
         """One ancestral Euler step (noise drawn every step, as diffusers draws it)."""
-        batch = self._check_step_inputs(model_output, timestep, sample, guidance_scale)
-        i = self._current_index(timestep)
-        device = sample.device
-        backend = self._resolve_backend(device)
-        noise, seed, offset = self._draw_noise(
-            sample.shape, generator, device, model_output.dtype, noise_seed, None, batch, i
+        self._check_timestep(timestep)
+        return self._step(
+            model_output,
+            timestep,
+            sample,
+            {},
+            generator=generator,
+            return_dict=return_dict,
+            guidance_scale=guidance_scale,
+            guidance_rescale=guidance_rescale,
+            noise_seed=noise_seed,
         )
-        if backend == "reference":
-            noise = self._reference_noise(noise, seed, offset, sample, model_output.dtype)
-            mo = self._reference_guided(model_output, guidance_scale, guidance_rescale)
-            prev, x0 = reference.euler_ancestral_step(
-                mo,
-                sample,
-                sigma=self.sigmas[i],
-                sigma_next=self.sigmas[i + 1],
-                prediction_type=self.config.prediction_type,
-                noise=noise,
-            )
-        else:
-            prev, x0 = self._fast_step(
-                backend,
-                self._device_table((), device),
-                i,
-                model_output,
-                sample,
-                noise,
-                seed,
-                offset,
-                guidance_scale,
-                guidance_rescale,
-            )
-        self._step_index = i + 1
-        if not return_dict:
-            return (prev, x0)
-        return SchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+    def draws_noise(self, step_kwargs=None) -> bool:
+        return True
+
+    def _plan(self, i, timestep, model_output, sample, opts) -> StepPlan:
+        return self._euler_plan(i, model_output, (), True)
+
+    def _reference_step(self, plan, model_output, sample, noise, opts):
+        return reference.euler_ancestral_step(
+            model_output,
+            sample,
+            sigma=self.sigmas[plan.i],
+            sigma_next=self.sigmas[plan.i + 1],
+            prediction_type=self.config.prediction_type,
+            noise=noise,
+        )
