@@ -14,7 +14,6 @@ import torch
 from conftest import DEVICES, available_backends
 from helpers import assert_lowp, rel_err
 
-import fastdiff
 from fastdiff.schedulers import SCHEDULERS
 
 diffusers = pytest.importorskip("diffusers")
