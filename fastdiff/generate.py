@@ -157,42 +157,14 @@ def _check_labels(labels, guidance_scale, null_label) -> Optional[tuple]:
     return values
 
 
-def _job(
-    out_dir,
-    num,
-    batch_size,
-    seed,
-    shape,
-    steps,
-    guidance_scale,
-    guidance_rescale,
-    labels,
-    label_key,
-    null_label,
-    step_kwargs,
-    png,
-) -> _Job:
+def _check_shape(shape) -> tuple:
     shape = tuple(shape)
     if len(shape) != 3 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shape):
         raise ValueError(
             f"`shape` must be one sample's (channels, height, width) with positive ints, got {shape!r}; "
             "the batch is `batch_size`"
         )
-    return _Job(
-        out_dir=os.fspath(out_dir),
-        num=_check_int("num", num, 1),
-        batch_size=_check_int("batch_size", batch_size, 1),
-        seed=_check_int("seed", seed),
-        shape=shape,
-        steps=_check_int("num_inference_steps", steps, 1),
-        guidance_scale=None if guidance_scale is None else float(guidance_scale),
-        guidance_rescale=float(guidance_rescale),
-        labels=_check_labels(labels, guidance_scale, null_label),
-        label_key=label_key,
-        null_label=None if null_label is None else _check_int("null_label", null_label),
-        step_kwargs=dict(step_kwargs or {}),
-        png=bool(png),
-    )
+    return shape
 
 
 # ----------------------------------------------------------------------------------------------- identity
@@ -441,10 +413,16 @@ def _join_group(device: torch.device) -> _Group:
     if not (dist.is_available() and dist.is_initialized()):
         if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
             return _Group(0, 1, torch.device("cpu"), False)
+        if device.type == "cuda" and device.index is not None:
+            torch.cuda.set_device(device)  # NCCL talks through the current device: the model's, one per rank
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         owned = True
-    nccl = dist.get_backend() == "nccl"
-    where = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    if dist.get_backend() != "nccl":
+        where = torch.device("cpu")
+    elif device.type == "cuda":
+        where = device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
+    else:
+        where = torch.device("cuda", torch.cuda.current_device())
     return _Group(dist.get_rank(), dist.get_world_size(), where, owned)
 
 
@@ -561,21 +539,25 @@ def generate(
     job_info: extra JSON values that identify the job (checked on resume like the rest).
     Returns a :class:`GenerateResult`; every rank returns once samples.npz is complete.
     """
-    job = _job(
-        out_dir,
-        num,
-        batch_size,
-        seed,
-        shape,
-        num_inference_steps,
-        guidance_scale,
-        guidance_rescale,
-        labels,
-        label_key,
-        null_label,
-        step_kwargs,
-        png,
+    job = _Job(
+        out_dir=os.fspath(out_dir),
+        num=_check_int("num", num, 1),
+        batch_size=_check_int("batch_size", batch_size, 1),
+        seed=_check_int("seed", seed),
+        shape=_check_shape(shape),
+        steps=_check_int("num_inference_steps", num_inference_steps, 1),
+        guidance_scale=None if guidance_scale is None else float(guidance_scale),
+        guidance_rescale=float(guidance_rescale),
+        labels=_check_labels(labels, guidance_scale, null_label),
+        label_key=label_key,
+        null_label=None if null_label is None else _check_int("null_label", null_label),
+        step_kwargs=dict(step_kwargs or {}),
+        png=bool(png),
     )
+    if job.png and decode is None and job.shape[0] not in (1, 3, 4):
+        raise ValueError(
+            f"`png=True` writes 1, 3 or 4 channels (gray, RGB, RGBA), but `shape` {job.shape} has {job.shape[0]}"
+        )
     from .sampling import as_fastdiff_scheduler, model_device, model_dtype
 
     device = model_device(model)
@@ -594,26 +576,15 @@ def generate(
 
 
 def _generate(model, scheduler, job, identity, g, device, dtype, decode, show) -> GenerateResult:
-    from .progress import progress
-
     t0 = time.perf_counter()
     _agree(identity, g)
-    opened = None
-    if g.rank == 0:
-        try:
-            opened = _open_job(job, identity)
-        except (ValueError, OSError) as exc:  # every rank raises it, none waits for rank 0
-            opened = exc
-    pending = _broadcast(opened, g)
-    if isinstance(pending, BaseException):
-        raise pending
+    pending = _pending_chunks(job, identity, g)
     path = os.path.join(job.out_dir, SAMPLES)
-    if not pending and os.path.isfile(path):
+    if not pending and os.path.isfile(path):  # a finished job: nothing to do (PNGs asked for only now aside)
         if g.rank == 0 and job.png:
             _finish_pngs(job)
         _sum(0, g)
         return GenerateResult(path, job.num, 0, time.perf_counter() - t0, g.world)
-    mine = pending[g.rank :: g.world]
     sample_kwargs = dict(
         num_inference_steps=job.steps,
         guidance_scale=job.guidance_scale,
@@ -623,6 +594,35 @@ def _generate(model, scheduler, job, identity, g, device, dtype, decode, show) -
         device=device,
         progress=False,
     )
+    generated = _run_chunks(model, scheduler, job, pending, g, sample_kwargs, decode, show)
+    if g.rank == 0:
+        _write_samples(job)
+        if job.png:
+            _finish_pngs(job)
+    _sum(0, g)  # every rank returns once samples.npz is there
+    return GenerateResult(path, job.num, generated, time.perf_counter() - t0, g.world)
+
+
+def _pending_chunks(job: _Job, identity: dict, g: _Group) -> list[int]:
+    """Rank 0 opens the job folder; every rank gets the chunks still to do, or rank 0's error."""
+    opened = None
+    if g.rank == 0:
+        try:
+            opened = _open_job(job, identity)
+        except (ValueError, OSError) as exc:  # every rank raises it, none waits for rank 0
+            opened = exc
+    pending = _broadcast(opened, g)
+    if isinstance(pending, BaseException):
+        raise pending
+    return pending
+
+
+def _run_chunks(model, scheduler, job, pending, g: _Group, sample_kwargs, decode, show) -> int:
+    """Run this rank's round-robin share of ``pending``, one chunk per round; after each round the ranks add up
+    the samples finished (rank 0's progress counts them). Returns the samples all ranks made."""
+    from .progress import progress
+
+    mine = pending[g.rank :: g.world]
     done_before = job.num - sum(job.rows(k) for k in pending)
     generated = 0
     with progress(job.num, desc="generate", unit="images", initial=done_before, enabled=show and g.rank == 0) as bar:
@@ -635,12 +635,7 @@ def _generate(model, scheduler, job, identity, g, device, dtype, decode, show) -
             finished = _sum(rows, g)
             generated += finished
             bar.update(finished)
-    if g.rank == 0:
-        _write_samples(job)
-        if job.png:
-            _finish_pngs(job)
-    _sum(0, g)  # every rank returns once samples.npz is there
-    return GenerateResult(path, job.num, generated, time.perf_counter() - t0, g.world)
+    return generated
 
 
 def _finish_pngs(job: _Job) -> None:

@@ -83,15 +83,13 @@ def no_model(monkeypatch, tmp_path):
 
     monkeypatch.setattr(cli, "_load_model", load)
     monkeypatch.chdir(tmp_path)
-    saved = torch.get_num_threads()
-    yield tmp_path
-    torch.set_num_threads(saved)
+    return tmp_path
 
 
 def main(*args):
     """(exit code, stdout, stderr) of the command line in this process."""
     out, err = io.StringIO(), io.StringIO()
-    saved = sys.stdout, sys.stderr
+    saved, threads = (sys.stdout, sys.stderr), torch.get_num_threads()
     sys.stdout, sys.stderr = out, err
     try:
         code = cli.main(list(args))
@@ -99,6 +97,7 @@ def main(*args):
         code = exc.code
     finally:
         sys.stdout, sys.stderr = saved
+        torch.set_num_threads(threads)  # --threads must not leak into the next test
     return code, out.getvalue(), err.getvalue()
 
 
@@ -220,10 +219,8 @@ def test_threads_batches_and_plain_progress(tmp_path, monkeypatch):
     progress is whole lines (no carriage returns)."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("FASTDIFF_PROGRESS_INTERVAL", "0")
-    saved = torch.get_num_threads()
     args = ["-n", "300", "--steps", "1", "--threads", "1", "--backend", "reference", "--save-array", "s.npy"]
     code, out, err = main("sample", *args)
-    torch.set_num_threads(saved)
     assert code == 0, err
     assert "on cpu, 1 thread [" in out and "2 batches of 256" in out, out
     assert np.load(tmp_path / "s.npy").shape == (300, 1, 16, 16)

@@ -278,6 +278,7 @@ def test_unfinished_job_has_no_samples(tmp_path):
         (dict(guidance_scale=float("nan")), "finite"),
         (dict(null_label=None), "needs `labels`"),
         (dict(labels=()), "`labels` is empty"),
+        (dict(shape=(2, 5, 6), png=True), "`png=True` writes 1, 3 or 4 channels"),
     ],
 )
 def test_bad_arguments(tmp_path, kwargs, message):
