@@ -1,11 +1,13 @@
 """fastdiff: faster sampling from existing diffusion models, same outputs.
 
 Public API: drop-in schedulers named like diffusers' (every class in ``fastdiff.schedulers.SCHEDULERS``),
-the sampling loop (``sample``, ``GraphSampler``), the reference samplers (``fastdiff.reference``) and the
+the sampling loop (``sample``, ``GraphSampler``), many samples over torch.distributed (``generate``,
+``load_samples``), the reference samplers (``fastdiff.reference``) and the
 custom ops (``fastdiff.ops``).
 """
 
 from ._version import __version__
+from .generate import generate, load_samples  # the function and the module share a name: the function wins
 from .graph import GraphCaptureError, GraphSampler
 from .sampling import release_cached_samplers, sample
 from .schedulers import PRESETS, SCHEDULERS, SchedulerOutput
@@ -19,6 +21,8 @@ __all__ = [
     "SCHEDULERS",
     "SchedulerOutput",
     "__version__",
+    "generate",
+    "load_samples",
     "release_cached_samplers",
     "sample",
     *sorted(SCHEDULERS),
