@@ -11,6 +11,7 @@ import torch
 from . import ops
 from .graph import GraphSampler
 from .loop import denoise, initial_noise, prepare
+from .progress import progress as progress_display
 
 _SAMPLERS: dict = {}
 _MAX_SAMPLERS = 4
@@ -147,11 +148,7 @@ def sample(
     else:
         latents = latents.to(dtype=p["dtype"])
     latents = latents * sched.init_noise_sigma
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(sched.timesteps), desc=f"fastdiff [{backend_now}]", leave=False)
+    bar = progress_display(len(sched.timesteps), desc=f"fastdiff [{backend_now}]", unit="step", enabled=progress)
     try:
         return denoise(
             model,
@@ -167,5 +164,4 @@ def sample(
             callback=callback,
         )
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
