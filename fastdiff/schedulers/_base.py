@@ -335,8 +335,12 @@ class SchedulerBase:
         m = plan.model_output if plan.model_output is not None else model_output
         out_dtype = plan.out_dtype or torch.result_type(sample, m)
         x0_dtype = plan.x0_dtype or out_dtype
-        ins = [t.dtype for t in (m, noise, plan.var, *plan.hist) if t is not None]
-        outs = [out_dtype] + ([x0_dtype] if plan.write_x0 else [])
+        ins = [t.dtype for t in (m, noise, plan.var, *plan.hist, plan.last) if t is not None]
+        outs = (
+            [out_dtype]
+            + ([x0_dtype] if plan.write_x0 else [])
+            + ([plan.corr_out.dtype] if plan.corr_out is not None else [])
+        )
         backend = "reference" if plan.reference_only else ops.select(self.backend, device, sample.dtype, ins, outs)
         if backend == "reference":
             if seed is not None:
@@ -363,6 +367,8 @@ class SchedulerBase:
                 mscale=mscale,
                 var=plan.var,
                 hist=plan.hist,
+                last=plan.last,
+                corr=plan.corr_out,
                 clip_range=plan.clip_range,
                 var_mode=plan.var_mode,
                 coef_values=values,
@@ -418,7 +424,9 @@ class SchedulerBase:
         """Dynamic thresholding needs the per-sample quantile of |x0| before the step: a pass writing only a
         float32 x0 (every backend runs that exactly), then torch.quantile. Returns the (B,) bounds."""
         raw = torch.empty(p.sample.shape, dtype=torch.float32, device=p.sample.device)
-        ops.fused_step(dataclasses.replace(p, prev=None, x0=raw, clip_range=0.0), backend)
+        ops.fused_step(
+            dataclasses.replace(p, prev=None, x0=raw, corr=None, last=None, hist=(), clip_range=0.0), backend
+        )
         ratio, max_value = self.config.dynamic_thresholding_ratio, self.config.sample_max_value
         thresh = torch.quantile(raw.reshape(raw.shape[0], -1).abs(), ratio, dim=1)
         return thresh.clamp(min=1, max=max_value).contiguous()
@@ -529,7 +537,9 @@ class StepPlan:
     table_key/row: the coefficient row is ``_coef_table(*table_key)[row]`` (or ``coef``, a ready row for a
     step off the schedule). noise_dtype: the dtype this step's Gaussian noise is drawn in (None: no noise);
     offset: its Philox step offset. model_output/var/var_mode: the part of the model output the step reads
-    as m and a learned variance. hist/x0_out: earlier x0 predictions read, and where this step's x0 goes.
+    as m and a learned variance. hist/x0_out: earlier converted outputs read (up to three), and where this
+    step's goes. last/corr_out: the previous step's starting sample, which turns on the corrector row
+    (``coefs.L_*``), and where the corrected sample goes.
     out_dtype/x0_dtype: output dtypes (default: the promoted type of sample and model output).
     reference_only: a configuration the coefficient row cannot express, run by the reference step (say why).
     state: whatever the sampler's ``_reference_step`` and ``_advance`` need (timesteps, sigmas, order)."""
@@ -545,6 +555,8 @@ class StepPlan:
     var_mode: int = VarMode.FIXED
     hist: tuple = ()
     x0_out: Optional[torch.Tensor] = None
+    last: Optional[torch.Tensor] = None
+    corr_out: Optional[torch.Tensor] = None
     write_x0: bool = True
     out_dtype: Optional[torch.dtype] = None
     x0_dtype: Optional[torch.dtype] = None
