@@ -169,7 +169,8 @@ def denoise(
 
 def _check_model_output(out: torch.Tensor, model_in: torch.Tensor, scheduler) -> None:
     expected = tuple(model_in.shape)
-    learned = getattr(scheduler, "variance_type", None) in ("learned", "learned_range")
+    # the config, not getattr: a config key read as an attribute raises a FutureWarning, as in diffusers
+    learned = scheduler.config.get("variance_type") in ("learned", "learned_range")
     ok = tuple(out.shape) == expected or (
         learned
         and out.ndim == model_in.ndim

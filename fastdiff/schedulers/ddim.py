@@ -31,13 +31,6 @@ class DDIMScheduler(SchedulerBase):
     arguments plus ``guidance_scale``, ``guidance_rescale`` and ``noise_seed`` (see ``DDPMScheduler``).
     """
 
-    _compatibles = [
-        "DDIMScheduler",
-        "DDPMScheduler",
-        "EulerDiscreteScheduler",
-        "EulerAncestralDiscreteScheduler",
-        "DPMSolverMultistepScheduler",
-    ]
     order = 1
 
     def __init__(

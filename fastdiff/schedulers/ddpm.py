@@ -48,13 +48,6 @@ class DDPMScheduler(SchedulerBase):
     noise drawn in the kernel instead of a torch.randn tensor).
     """
 
-    _compatibles = [
-        "DDIMScheduler",
-        "DDPMScheduler",
-        "EulerDiscreteScheduler",
-        "EulerAncestralDiscreteScheduler",
-        "DPMSolverMultistepScheduler",
-    ]
     order = 1
 
     def __init__(
@@ -78,7 +71,8 @@ class DDPMScheduler(SchedulerBase):
         backend: Optional[str] = None,
     ):
         self._register_config(locals(), backend)
-        check_choice("variance_type", variance_type, VARIANCE_TYPES)
+        # None is DPM-Solver's default, carried here by from_config; diffusers' DDPM then uses fixed_small
+        check_choice("variance_type", variance_type, VARIANCE_TYPES + (None,))
         check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
         check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
         self.betas = make_betas(
@@ -88,7 +82,7 @@ class DDPMScheduler(SchedulerBase):
         self.alphas_cumprod = alphas_cumprod_from_betas(self.betas)
         self.one = torch.tensor(1.0)
         self.init_noise_sigma = 1.0
-        self.variance_type = variance_type
+        self.variance_type = "fixed_small" if variance_type is None else variance_type
         self.custom_timesteps = False
         self.num_inference_steps = None
         full = np.arange(0, num_train_timesteps)[::-1].copy()
@@ -134,7 +128,7 @@ class DDPMScheduler(SchedulerBase):
             row[coefs.C_X] = float(cur_a ** (0.5) * bp / b)
             var = torch.clamp(bp / b * cur_b, min=1e-20)
             if t > 0:
-                vt = cfg.variance_type
+                vt = self.variance_type
                 if vt in ("fixed_small", "fixed_small_log"):
                     row[coefs.SIGMA] = float(var**0.5)
                 elif vt in ("fixed_large", "fixed_large_log"):
@@ -198,7 +192,7 @@ class DDPMScheduler(SchedulerBase):
                 alphas_cumprod=self.alphas_cumprod,
                 prev_t=int(self._prev[i]),
                 prediction_type=cfg.prediction_type,
-                variance_type=cfg.variance_type,
+                variance_type=self.variance_type,
                 clip_sample=cfg.clip_sample,
                 clip_sample_range=cfg.clip_sample_range,
                 thresholding=cfg.thresholding,

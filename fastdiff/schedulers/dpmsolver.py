@@ -59,14 +59,6 @@ class DPMSolverMultistepScheduler(SigmaSchedulerBase):
     flow-matching sigmas and dynamic shifting are not supported and raise. Extras in ``step``:
     ``guidance_scale``, ``guidance_rescale``, ``noise_seed``."""
 
-    _compatibles = [
-        "DDIMScheduler",
-        "DDPMScheduler",
-        "EulerDiscreteScheduler",
-        "EulerAncestralDiscreteScheduler",
-        "DPMSolverMultistepScheduler",
-    ]
-
     def __init__(
         self,
         num_train_timesteps: int = 1000,
@@ -116,8 +108,6 @@ class DPMSolverMultistepScheduler(SigmaSchedulerBase):
         for name, value in (("use_flow_sigmas", use_flow_sigmas), ("use_dynamic_shifting", use_dynamic_shifting)):
             if value:
                 raise ValueError(f"`{name}`=True (flow matching) is not supported by fastdiff's DPM-Solver++")
-        if variance_type is not None:
-            raise ValueError(f"`variance_type`={variance_type!r} is not supported: pass the epsilon half of the output")
         self._init_betas(
             num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr
         )

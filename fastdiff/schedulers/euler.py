@@ -16,13 +16,6 @@ from ._registry import register
 from ._sigma import SigmaSchedulerBase
 
 EULER_PREDICTIONS = ("epsilon", "v_prediction", "sample", "original_sample")
-_COMPATIBLES = [
-    "DDIMScheduler",
-    "DDPMScheduler",
-    "EulerDiscreteScheduler",
-    "EulerAncestralDiscreteScheduler",
-    "DPMSolverMultistepScheduler",
-]
 
 
 def euler_x0_coefficients(prediction_type: str, sigma: float, sigma_hat: float) -> tuple[float, float, float]:
@@ -37,12 +30,12 @@ def euler_x0_coefficients(prediction_type: str, sigma: float, sigma_hat: float) 
 class _EulerCommon(SigmaSchedulerBase):
     """scale_model_input, init_noise_sigma, the fused-step call and the reference call."""
 
-    _compatibles = _COMPATIBLES
     order = 1
 
     @property
-    def init_noise_sigma(self) -> float:
-        max_sigma = float(self._sigma_values.max())
+    def init_noise_sigma(self) -> torch.Tensor:
+        # a 0-dim float32 CPU tensor formed in float32, as diffusers returns it (a float differs in type and ulps)
+        max_sigma = torch.from_numpy(self._sigma_values).max()
         if self.config.timestep_spacing in ("linspace", "trailing"):
             return max_sigma
         return (max_sigma**2 + 1) ** 0.5
