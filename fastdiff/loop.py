@@ -167,7 +167,7 @@ def denoise(
 
 def _check_model_output(out: torch.Tensor, model_in: torch.Tensor, scheduler) -> None:
     expected = tuple(model_in.shape)
-    learned = getattr(scheduler, "variance_type", None) in ("learned", "learned_range")
+    learned = scheduler.config.get("variance_type") in ("learned", "learned_range")
     ok = tuple(out.shape) == expected or (
         learned
         and out.ndim == model_in.ndim

@@ -6,7 +6,7 @@ paper it implements. The fast paths are tested against them and against diffuser
 
 from .common import add_noise, apply_guidance, get_velocity, rescale_noise_cfg, threshold_sample
 from .ddim import ddim_step
-from .ddpm import ddpm_step
+from .ddpm import ddpm_step, ddpm_variance
 from .dpmsolver import alpha_sigma, dpm_eps, dpm_update, dpm_x0
 from .euler import euler_ancestral_step, euler_step
 
@@ -21,6 +21,7 @@ __all__ = [
     "apply_guidance",
     "ddim_step",
     "ddpm_step",
+    "ddpm_variance",
     "get_velocity",
     "rescale_noise_cfg",
     "threshold_sample",

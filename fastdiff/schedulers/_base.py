@@ -5,9 +5,6 @@ the backend, fused or reference call, output) that a sampler fills in through a 
 from __future__ import annotations
 
 import dataclasses
-import inspect
-import json
-import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -15,61 +12,13 @@ import numpy as np
 import torch
 
 from .. import coefs, ops, reference
-from .._version import __version__
 from ..coefs import VarMode
 from ..noise import as_seed_tensor, philox_normal, randn_tensor
-
-CONFIG_NAME = "scheduler_config.json"
-
-
-class FrozenConfig(dict):
-    """A read-only dict with attribute access, like diffusers' ``FrozenDict``."""
-
-    def __getattr__(self, name):
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(f"scheduler config has no attribute {name!r}") from None
-
-    def _immutable(self, *args, **kwargs):
-        raise TypeError("scheduler config is frozen; build a new scheduler with from_config(config, **changes)")
-
-    __setitem__ = __delitem__ = update = pop = popitem = setdefault = clear = _immutable
-
-    def __reduce__(self):
-        # copy/pickle rebuild a dict subclass item by item through __setitem__; build it whole instead
-        return (type(self), (dict(self),))
+from ._config import ConfigMixin
+from ._output import SchedulerOutput  # noqa: F401  (scheduler files import it from here)
 
 
-@dataclass
-class SchedulerOutput:
-    """Output of ``step``: ``prev_sample`` (x_{t-1}) and ``pred_original_sample`` (x_0 estimate).
-
-    Indexable like diffusers' ``BaseOutput``: ``out[0]`` is ``prev_sample``."""
-
-    prev_sample: torch.Tensor
-    pred_original_sample: Optional[torch.Tensor] = None
-
-    def to_tuple(self) -> tuple:
-        return tuple(v for v in (self.prev_sample, self.pred_original_sample) if v is not None)
-
-    def __getitem__(self, key):
-        if isinstance(key, str):
-            return getattr(self, key)
-        return self.to_tuple()[key]
-
-
-def _jsonable(value):
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if isinstance(value, tuple):
-        return list(value)
-    return value
-
-
-class SchedulerBase:
+class SchedulerBase(ConfigMixin):
     """Base of the drop-in schedulers: diffusers' scheduler contract, with one step skeleton (``_step``).
 
     A sampler is one file (see docs/adding-a-sampler.md) that defines:
@@ -94,88 +43,9 @@ class SchedulerBase:
     """
 
     order = 1
-    _compatibles: list = []
-
-    # ------------------------------------------------------------------ config
-
-    def _register_config(self, local_vars: dict, backend: Optional[str]) -> None:
-        params = inspect.signature(type(self).__init__).parameters
-        cfg = {k: _jsonable(local_vars[k]) for k in params if k not in ("self", "backend")}
-        self.config = FrozenConfig(_class_name=type(self).__name__, **cfg)
-        self.backend = backend
-        self.last_backend: Optional[str] = None
-        self._tables: dict = {}
-        self._device_cache: dict = {}
-        self._resolved: dict = {}
-
-    @classmethod
-    def _init_params(cls) -> list:
-        return [k for k in inspect.signature(cls.__init__).parameters if k not in ("self", "backend")]
-
-    @classmethod
-    def from_config(cls, config=None, return_unused_kwargs: bool = False, **kwargs):
-        """Build from a config dict (a diffusers scheduler's ``config`` works), with ``kwargs`` overriding.
-        Keys that are not this class's arguments (other schedulers' options, ``_class_name`` ...) are ignored,
-        as in diffusers."""
-        if config is None:
-            config = {}
-        if hasattr(config, "config") and not isinstance(config, dict):  # a scheduler object
-            config = config.config
-        if not isinstance(config, dict):
-            raise TypeError(f"`config` must be a dict-like scheduler config, got {type(config).__name__}")
-        params = cls._init_params()
-        init = {k: v for k, v in dict(config).items() if k in params}
-        unused = {k: v for k, v in dict(config).items() if k not in params and not k.startswith("_")}
-        backend = kwargs.pop("backend", None)
-        for k in list(kwargs):
-            if k in params:
-                init[k] = kwargs.pop(k)
-        obj = cls(**init, backend=backend)
-        if return_unused_kwargs:
-            return obj, {**unused, **kwargs}
-        return obj
-
-    def save_pretrained(self, save_directory, **kwargs) -> None:
-        """Write ``scheduler_config.json`` (readable by diffusers' ``from_pretrained`` too)."""
-        if os.path.isfile(save_directory):
-            raise ValueError(f"`save_directory` must be a directory, got the file {save_directory!r}")
-        os.makedirs(save_directory, exist_ok=True)
-        data = dict(self.config)
-        data["_fastdiff_version"] = __version__
-        with open(os.path.join(save_directory, CONFIG_NAME), "w") as fh:
-            json.dump(data, fh, indent=2, sort_keys=True)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, subfolder: Optional[str] = None, **kwargs):
-        """Load from a local folder holding ``scheduler_config.json`` (optionally in ``subfolder``); a hub id
-        is resolved through diffusers when it is installed."""
-        path = str(pretrained_model_name_or_path)
-        folder = os.path.join(path, subfolder) if subfolder else path
-        file = folder if os.path.isfile(folder) else os.path.join(folder, CONFIG_NAME)
-        if os.path.isfile(file):
-            with open(file) as fh:
-                config = json.load(fh)
-        else:
-            try:
-                import diffusers
-            except ImportError:
-                raise FileNotFoundError(
-                    f"`pretrained_model_name_or_path`: no {CONFIG_NAME} at {file!r}; install diffusers to load "
-                    "from the Hugging Face hub"
-                ) from None
-            config = diffusers.DDPMScheduler.load_config(path, subfolder=subfolder, **kwargs)
-        return cls.from_config(config, **{k: v for k, v in kwargs.items() if k in cls._init_params() + ["backend"]})
-
-    @property
-    def compatibles(self) -> list:
-        return list(self._compatibles)
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
-
-    def __repr__(self) -> str:
-        body = "\n".join(f"  {k!r}: {v!r}," for k, v in self.config.items())
-        return f"{type(self).__name__} {{\n{body}\n}}"
 
     # ------------------------------------------------------------------ timesteps
 

@@ -103,14 +103,6 @@ class DPMSolverMultistepScheduler(SigmaSchedulerBase):
     output. Flow-matching sigmas and dynamic shifting are not supported yet and raise. Extras in ``step``:
     ``guidance_scale``, ``guidance_rescale``, ``noise_seed``."""
 
-    _compatibles = [
-        "DDIMScheduler",
-        "DDPMScheduler",
-        "EulerDiscreteScheduler",
-        "EulerAncestralDiscreteScheduler",
-        "DPMSolverMultistepScheduler",
-    ]
-
     def __init__(
         self,
         num_train_timesteps: int = 1000,

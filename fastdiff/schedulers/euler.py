@@ -16,19 +16,11 @@ from ._registry import register
 from ._sigma import SigmaSchedulerBase
 
 EULER_PREDICTIONS = ("epsilon", "v_prediction", "sample", "original_sample")
-_COMPATIBLES = [
-    "DDIMScheduler",
-    "DDPMScheduler",
-    "EulerDiscreteScheduler",
-    "EulerAncestralDiscreteScheduler",
-    "DPMSolverMultistepScheduler",
-]
 
 
 class _EulerCommon(SigmaSchedulerBase):
     """What Euler and Euler a share: scale_model_input, init_noise_sigma, forward noising, outputs."""
 
-    _compatibles = _COMPATIBLES
     order = 1
 
     @property
