@@ -238,3 +238,81 @@ WAN_UNIPC_SCHEDULER = dict(
     timestep_spacing="linspace",
 )
 WAN_EULER_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)
+
+
+# name: (builder, scheduler class, scheduler config, call arguments); each call runs 3 steps on 16x16 images
+# (Wan: 5 frames of 32x32), batch 2 through num_images_per_prompt / num_videos_per_prompt
+SWAPS = {
+    "sd3": (
+        sd3_pipeline,
+        "FlowMatchEulerDiscreteScheduler",
+        SD3_SCHEDULER,
+        dict(negative_prompt="blurry", guidance_scale=5.0, num_images_per_prompt=2),
+    ),
+    "sd3-dynamic-shift": (
+        sd3_pipeline,
+        "FlowMatchEulerDiscreteScheduler",
+        dict(SD3_SCHEDULER, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.16),
+        dict(guidance_scale=4.0),
+    ),
+    "flux-dev": (
+        lambda s, device="cpu": flux_pipeline(s, True, device),
+        "FlowMatchEulerDiscreteScheduler",
+        FLUX_DEV_SCHEDULER,
+        dict(guidance_scale=3.5, num_images_per_prompt=2),
+    ),
+    "flux-dev-true-cfg": (
+        lambda s, device="cpu": flux_pipeline(s, True, device),
+        "FlowMatchEulerDiscreteScheduler",
+        FLUX_DEV_SCHEDULER,
+        dict(guidance_scale=3.5, negative_prompt="blurry", true_cfg_scale=2.0),
+    ),
+    "flux-schnell": (
+        lambda s, device="cpu": flux_pipeline(s, False, device),
+        "FlowMatchEulerDiscreteScheduler",
+        FLUX_SCHNELL_SCHEDULER,
+        dict(guidance_scale=0.0, num_images_per_prompt=2),
+    ),
+    "flux-schnell-true-cfg": (
+        lambda s, device="cpu": flux_pipeline(s, False, device),
+        "FlowMatchEulerDiscreteScheduler",
+        FLUX_SCHNELL_SCHEDULER,
+        dict(guidance_scale=0.0, negative_prompt="blurry", true_cfg_scale=3.0),
+    ),
+    "wan-unipc": (
+        wan_pipeline,
+        "UniPCMultistepScheduler",
+        WAN_UNIPC_SCHEDULER,
+        dict(negative_prompt="blurry", guidance_scale=5.0, num_videos_per_prompt=2),
+    ),
+    "wan-flow-euler": (
+        wan_pipeline,
+        "FlowMatchEulerDiscreteScheduler",
+        WAN_EULER_SCHEDULER,
+        dict(negative_prompt="blurry", guidance_scale=5.0),
+    ),
+    "wan-dpm-flow": (
+        wan_pipeline,
+        "DPMSolverMultistepScheduler",
+        dict(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0),
+        dict(negative_prompt="blurry", guidance_scale=5.0),
+    ),
+    # schedulers fastdiff already has, for the plumbing: any scheduler a pipeline accepts gives the same images
+    "sd3-dpm++": (sd3_pipeline, "DPMSolverMultistepScheduler", {}, dict(negative_prompt="blurry", guidance_scale=5.0)),
+    "wan-dpm++": (wan_pipeline, "DPMSolverMultistepScheduler", {}, dict(negative_prompt="blurry", guidance_scale=5.0)),
+}
+
+
+def call_arguments(name: str, seed: int = 0, device="cpu") -> dict:
+    """The pipeline call for swap ``name``: a prompt, 3 steps, tiny sizes, a generator, numpy output."""
+    builder, _, _, extra = SWAPS[name]
+    size = dict(height=32, width=32, num_frames=5) if name.startswith("wan") else dict(height=16, width=16)
+    return dict(
+        prompt="a photo of a cat",
+        num_inference_steps=3,
+        max_sequence_length=8,
+        output_type="np",
+        generator=torch.Generator(device).manual_seed(seed),
+        **size,
+        **extra,
+    )
