@@ -26,11 +26,7 @@ if GPU_PLAN:
     BANDWIDTH_CASES = [
         (preset, noise, dtype, provider)
         for dtype in ("fp16", "fp32")
-        for preset, noise, providers in (
-            ("ddim", "none", ("diffusers", "fastdiff-triton", "fastdiff-cuda")),  # eta 0: draws no noise
-            ("ddpm", "philox", ("fastdiff-triton", "fastdiff-cuda")),
-            ("ddpm", "generator", ("diffusers", "fastdiff-triton")),
-        )
+        for preset, noise, providers in bench.BANDWIDTH_CASES
         for provider in providers
     ]
     CPU_CASES = []

@@ -47,9 +47,13 @@ HEADLINE_SCHEDULERS = (
     "EulerDiscreteScheduler",
     "FlowMatchEulerDiscreteScheduler",
 )
-# Bandwidth rows: a noise-free step (DDIM eta 0) and a noisy one (DDPM), noise from a generator as diffusers
-# draws it or from Philox inside the kernel. Both schedulers' steps are stateless, so one step index repeats.
-BANDWIDTH_PRESETS = ("ddim", "ddpm")
+# Bandwidth rows, (preset, noise, providers): a noise-free step (DDIM eta 0) and a noisy one (DDPM), noise drawn
+# in the kernel (Philox) or from a generator as diffusers draws it. Both steps are stateless: one index repeats.
+BANDWIDTH_CASES = (
+    ("ddim", "none", ("diffusers", "fastdiff-triton", "fastdiff-cuda")),
+    ("ddpm", "philox", ("fastdiff-triton", "fastdiff-cuda")),
+    ("ddpm", "generator", ("diffusers", "fastdiff-triton")),
+)
 # The whole-loop FlowMatchEuler hook (issue 12): a 4-step loop on a small Flux-shaped transformer.
 FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler"
 FLOW_STEPS = 4

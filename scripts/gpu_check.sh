@@ -176,7 +176,7 @@ pending = [s for s in bench.HEADLINE_SCHEDULERS if s not in SCHEDULERS]
 print(f"ok: imports; headline step schedulers: {', '.join(heads)}; not registered yet: {', '.join(pending) or 'none'}")
 for s in heads:
     bench.headline_preset(s)
-for p in bench.BANDWIDTH_PRESETS:
+for p, _, _ in bench.BANDWIDTH_CASES:
     assert p in PRESETS, f"bandwidth preset {p!r} is not registered"
 assert bench.SyncCounter("cpu").cuda is False
 PY
