@@ -285,7 +285,12 @@ def schedule_key(schedule_kwargs: Optional[dict]) -> tuple:
     """``schedule_kwargs`` as a hashable key (custom sigmas as a tuple of floats): part of a graph's key."""
     return tuple(
         sorted(
-            (k, tuple(torch.as_tensor(v).reshape(-1).tolist()) if hasattr(v, "__len__") else v)
+            (
+                k,
+                tuple(torch.as_tensor(v).reshape(-1).tolist())
+                if isinstance(v, (list, tuple)) or hasattr(v, "shape")
+                else v,
+            )
             for k, v in (schedule_kwargs or {}).items()
         )
     )
