@@ -417,7 +417,7 @@ def unipc_schedule(
     kind = "karras" if use_karras_sigmas else "exponential" if use_exponential_sigmas else None
     kind = "beta" if use_beta_sigmas else kind
     if kind is not None:
-        base = sigmas if sigmas is not None else np.array(((1 - alphas_cumprod) / alphas_cumprod) ** 0.5)
+        base = sigmas if sigmas is not None else (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).numpy()
         log_base = np.log(base)
         sig = _respaced(kind, np.flip(base).copy(), n, sigma_min, sigma_max)
         if kind == "karras" and use_flow_sigmas:
@@ -434,7 +434,7 @@ def unipc_schedule(
         ts = (sig * T).copy()
         last = sig[-1] if final_sigmas_type == "sigma_min" else 0
     else:
-        full = np.array(((1 - alphas_cumprod) / alphas_cumprod) ** 0.5)
+        full = (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).numpy()
         sig = np.interp(ts, np.arange(0, len(full)), full)
         last = float(((1 - alphas_cumprod[0]) / alphas_cumprod[0]) ** 0.5) if final_sigmas_type == "sigma_min" else 0
     sigmas_out = np.concatenate([sig, [last]]).astype(np.float32)
