@@ -345,7 +345,7 @@ def _spaced_unipc_timesteps(T: int, n: int, spacing: str, steps_offset: int) -> 
 
 
 def _respaced(kind: str, base: np.ndarray, n: int, sigma_min, sigma_max) -> np.ndarray:
-    """Karras / exponential / beta sigmas between the ends of ``base`` (ascending), or the given bounds."""
+    """Karras / exponential / beta sigmas between the ends of ``base`` (descending), or the given bounds."""
     lo = sigma_min if sigma_min is not None else float(base[-1])
     hi = sigma_max if sigma_max is not None else float(base[0])
     if kind == "karras":

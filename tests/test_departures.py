@@ -157,3 +157,21 @@ def test_unipc_bh1_final_step_onto_zero_is_finite(backend):
             x = want
     assert want.isnan().all()
     torch.testing.assert_close(got, m, rtol=1e-6, atol=1e-6)  # prediction_type "sample": x0 is the model output
+
+
+def test_unipc_more_steps_than_training_timesteps_are_refused():
+    """diffusers repeats timesteps and sigmas beyond num_train_timesteps and steps to NaN (h = 0); fastdiff refuses
+    the count (as for DPM-Solver), and allows it where the sigmas are respaced or flow sigmas (they never repeat)."""
+    d = diffusers.UniPCMultistepScheduler()
+    d.set_timesteps(1500)
+    x = torch.randn(1, 2)
+    for t in d.timesteps[:3]:
+        x = d.step(torch.randn_like(x), t, x).prev_sample
+    assert x.isnan().all()
+    with pytest.raises(
+        ValueError, match=r"`num_inference_steps`=1500 cannot be larger than `num_train_timesteps`=1000"
+    ):
+        fastdiff.UniPCMultistepScheduler().set_timesteps(1500)
+    s = fastdiff.UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction")
+    s.set_timesteps(1500)
+    assert len(s.timesteps) == 1500 and s.sigmas.unique().numel() == 1501

@@ -264,10 +264,10 @@ class UniPCMultistepScheduler(SigmaSchedulerBase):
             num_inference_steps = len(sigmas)
         if num_inference_steps is None:
             raise ValueError("pass `num_inference_steps` or `sigmas`")
-        if cfg.use_flow_sigmas and not cfg.use_exponential_sigmas and not cfg.use_beta_sigmas:
-            check_num_inference_steps(num_inference_steps, np.iinfo(np.int64).max)  # flow sigmas never repeat
-        else:
-            check_num_inference_steps(num_inference_steps, cfg.num_train_timesteps)
+        respaced = cfg.use_karras_sigmas or cfg.use_exponential_sigmas or cfg.use_beta_sigmas or cfg.use_flow_sigmas
+        # more steps than training timesteps repeat the spaced timesteps and their sigmas (h = 0: diffusers' step is
+        # NaN); respaced and flow sigmas never repeat, so any count is allowed there
+        check_num_inference_steps(num_inference_steps, np.iinfo(np.int64).max if respaced else cfg.num_train_timesteps)
         ts, sig = unipc_schedule(
             self.alphas_cumprod,
             int(num_inference_steps),
