@@ -164,6 +164,23 @@ def test_shapes_and_layouts(shape, layout, device, backend):
         x = want
 
 
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+def test_guidance_in_the_step(device, backend):
+    """``guidance_scale`` / ``guidance_rescale`` on a doubled batch: the same as diffusers stepping on the output a
+    pipeline guides op by op."""
+    from fastdiff import reference
+
+    d, f, _ = _schedulers(dict(WAN, solver_order=3), backend, device, 5, {})
+    x = torch.randn(2, 3, 4, 5, device=device)
+    for t_d, t_f in zip(d.timesteps, f.timesteps):
+        m = torch.randn(4, 3, 4, 5, device=device)
+        guided = reference.rescale_noise_cfg(reference.apply_guidance(m, 4.0), m.chunk(2)[1], 0.5)
+        want = d.step(guided, t_d, x).prev_sample
+        got = f.step(m, t_f, x, guidance_scale=4.0, guidance_rescale=0.5).prev_sample
+        assert rel_err(got, want) <= RTOL32
+        x = want
+
+
 LOWP_KNOBS = [
     "wan",
     "order3-x0-bh1-epsilon",
