@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import rel_err
 
 import fastdiff
 
@@ -126,3 +127,51 @@ def test_ignored_keys_warning_only_for_fastdiff_sources(caplog):
     with caplog.at_level(logging.WARNING, logger="fastdiff"):
         fastdiff.EulerDiscreteScheduler.from_config(pndm)
     assert not [r for r in caplog.records if "ignores" in r.getMessage()]
+
+
+def test_unipc_flow_prediction_without_predict_x0_is_refused_at_construction():
+    """Departure: diffusers builds it and fails at the first step; fastdiff refuses it before any model work."""
+    d = diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", predict_x0=False)
+    d.set_timesteps(3)
+    with pytest.raises(ValueError, match="flow_prediction"):
+        d.step(torch.randn(1, 2), d.timesteps[0], torch.randn(1, 2))
+    with pytest.raises(ValueError, match=r"`prediction_type`='flow_prediction' needs `predict_x0`=True"):
+        fastdiff.UniPCMultistepScheduler(prediction_type="flow_prediction", predict_x0=False)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_unipc_bh1_final_step_onto_zero_is_finite(backend):
+    """Departure: diffusers' bh1 step onto sigma = 0 (final_sigmas_type "zero", the default) computes
+    x_t - alpha_t B(h) * 0 with B(h) = -inf: NaN. fastdiff returns the limit, the last x0 prediction."""
+    config = dict(solver_type="bh1", prediction_type="sample")
+    d = diffusers.UniPCMultistepScheduler(**config)
+    f = fastdiff.UniPCMultistepScheduler(**config, backend=backend)
+    d.set_timesteps(4)
+    f.set_timesteps(4)
+    x = torch.randn(2, 3, 4)
+    for k, (t_f, t_d) in enumerate(zip(f.timesteps, d.timesteps)):
+        m = torch.randn_like(x)
+        got, want = f.step(m, t_f, x).prev_sample, d.step(m, t_d, x).prev_sample
+        if k < 3:
+            assert rel_err(got, want) <= 1e-5
+            x = want
+    assert want.isnan().all()
+    torch.testing.assert_close(got, m, rtol=1e-6, atol=1e-6)  # prediction_type "sample": x0 is the model output
+
+
+def test_unipc_more_steps_than_training_timesteps_are_refused():
+    """diffusers repeats timesteps and sigmas beyond num_train_timesteps and steps to NaN (h = 0); fastdiff refuses
+    the count (as for DPM-Solver), and allows it where the sigmas are respaced or flow sigmas (they never repeat)."""
+    d = diffusers.UniPCMultistepScheduler()
+    d.set_timesteps(1500)
+    x = torch.randn(1, 2)
+    for t in d.timesteps[:3]:
+        x = d.step(torch.randn_like(x), t, x).prev_sample
+    assert x.isnan().all()
+    with pytest.raises(
+        ValueError, match=r"`num_inference_steps`=1500 cannot be larger than `num_train_timesteps`=1000"
+    ):
+        fastdiff.UniPCMultistepScheduler().set_timesteps(1500)
+    s = fastdiff.UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction")
+    s.set_timesteps(1500)
+    assert len(s.timesteps) == 1500 and s.sigmas.unique().numel() == 1501

@@ -94,6 +94,16 @@ DPM_BASE = dict(
     final_sigmas_type="sigma_min",
 )
 
+UNIPC_BASE = dict(
+    num_train_timesteps=1000,
+    beta_start=0.0001,
+    beta_end=0.02,
+    beta_schedule="linear",
+    solver_order=2,
+    solver_type="bh2",
+    final_sigmas_type="sigma_min",
+)
+
 SRC = "huggingface/diffusers tests/schedulers/"
 SRC_DDPM = SRC + "test_scheduler_ddpm.py @95ff471"
 SRC_DDIM = SRC + "test_scheduler_ddim.py @1cf1528"
@@ -102,6 +112,7 @@ SRC_EULER = SRC + "test_scheduler_euler.py @18dcab7"
 SRC_EULER_NOISE = SRC + "test_scheduler_euler.py (..testing_utils version)"
 SRC_EULER_A = SRC + "test_scheduler_euler_ancestral.py @4004496"
 SRC_DPM = SRC + "test_scheduler_dpm_multi.py @9519ffc"
+SRC_UNIPC = SRC + "test_scheduler_unipc.py @b530968"
 COMPUTED = "computed with diffusers 0.42.1; diffusers' test_solver_order_and_type only asserts no NaN"
 
 
@@ -137,6 +148,10 @@ class Case:
 
 def _dpm(id, overrides=None, **kw):
     return Case(id=id, cls="DPMSolverMultistepScheduler", config={**DPM_BASE, **(overrides or {})}, **kw)
+
+
+def _unipc(id, overrides=None, **kw):
+    return Case(id=id, cls="UniPCMultistepScheduler", config={**UNIPC_BASE, **(overrides or {})}, **kw)
 
 
 def _euler(id, cls, overrides=None, **kw):
@@ -369,6 +384,57 @@ CASES = [
     ),
 ]
 
+# ---- UniPC multistep: 10 steps from dummy_sample_deter, no generator (UniPC draws no noise)
+CASES += [
+    _unipc("unipc-no-noise", loop="sample", expected_mean=0.2464, expected_sum=None, source=SRC_UNIPC, generator=False),
+    _unipc(
+        "unipc-karras",
+        {"use_karras_sigmas": True},
+        loop="sample",
+        expected_mean=0.2925,
+        expected_sum=None,
+        source=SRC_UNIPC,
+        generator=False,
+    ),
+    _unipc(
+        "unipc-v-prediction",
+        {"prediction_type": "v_prediction"},
+        loop="sample",
+        expected_mean=0.1014,
+        expected_sum=None,
+        source=SRC_UNIPC,
+        generator=False,
+    ),
+    _unipc(
+        "unipc-karras-v-prediction",
+        {"prediction_type": "v_prediction", "use_karras_sigmas": True},
+        loop="sample",
+        expected_mean=0.1966,
+        expected_sum=None,
+        source=SRC_UNIPC,
+        generator=False,
+    ),
+    _unipc(
+        "unipc-with-noise",
+        loop="img2img",
+        expected_mean=0.4109,
+        expected_sum=315.5757,
+        source=SRC_UNIPC,
+        t_start=8,
+        generator=False,
+    ),
+    # test_switch: through diffusers' DPMSolverSinglestep, DEIS and DPMSolverMultistep configs and back
+    _unipc(
+        "unipc-switch",
+        loop="sample",
+        expected_mean=0.2464,
+        expected_sum=None,
+        source=SRC_UNIPC + " (test_switch)",
+        generator=False,
+        via=("DPMSolverSinglestepScheduler", "DEISMultistepScheduler", "DPMSolverMultistepScheduler"),
+    ),
+]
+
 # test_solver_order_and_type: diffusers runs full_loop for every (algorithm, solver_type, order, prediction)
 # and only checks for NaN (order 3 is skipped for the SDE variants). Numbers recorded with diffusers 0.42.1:
 # (algorithm, solver_type, order, prediction_type) -> (sum, mean)
@@ -538,6 +604,7 @@ REGRESSION_CLASSES = (
     "EulerDiscreteScheduler",
     "EulerAncestralDiscreteScheduler",
     "DPMSolverMultistepScheduler",
+    "UniPCMultistepScheduler",
 )
 
 

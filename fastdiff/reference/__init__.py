@@ -9,6 +9,7 @@ from .ddim import ddim_step
 from .ddpm import ddpm_step, ddpm_variance
 from .dpmsolver import alpha_sigma, dpm_eps, dpm_update, dpm_x0
 from .euler import euler_ancestral_step, euler_step
+from .unipc import unipc_alpha_sigma, unipc_convert, unipc_correct, unipc_predict
 
 __all__ = [
     "add_noise",
@@ -25,4 +26,8 @@ __all__ = [
     "get_velocity",
     "rescale_noise_cfg",
     "threshold_sample",
+    "unipc_alpha_sigma",
+    "unipc_convert",
+    "unipc_correct",
+    "unipc_predict",
 ]

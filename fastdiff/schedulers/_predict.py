@@ -32,3 +32,17 @@ def ve_x0(prediction_type: str, sigma, sigma_hat) -> tuple:
     if prediction_type in ("sample", "original_sample"):
         return 1.0, 0.0, 1.0
     raise ValueError(f"`prediction_type` must be one of {list(PREDICTION_TYPES)}, got {prediction_type!r}")
+
+
+def vp_eps(prediction_type: str, alpha_t, sigma_t) -> tuple:
+    """(X_S, A_X, A_M) of the noise prediction eps = X_S * (A_X * x + A_M * m) for a variance-preserving sample
+    (the noise-prediction solvers: DPM-Solver, UniPC with predict_x0=False): epsilon m; sample
+    (x - alpha_t m) / sigma_t; v_prediction alpha_t m + sigma_t x."""
+    if prediction_type == "epsilon":
+        return 1.0, 0.0, 1.0
+    if prediction_type in ("sample", "original_sample"):
+        with np.errstate(divide="ignore"):
+            return np.float64(1.0) / sigma_t, 1.0, -alpha_t
+    if prediction_type == "v_prediction":
+        return 1.0, sigma_t, alpha_t
+    raise ValueError(f"`prediction_type` must be one of {list(PREDICTION_TYPES)}, got {prediction_type!r}")
