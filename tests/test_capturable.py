@@ -305,7 +305,9 @@ TRANSFORMER_CASES = {
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("sched_name", ["DPMSolverMultistepScheduler", "FlowMatchEulerDiscreteScheduler"])
+@pytest.mark.parametrize(
+    "sched_name", ["DPMSolverMultistepScheduler", "FlowMatchEulerDiscreteScheduler", "UniPCMultistepScheduler"]
+)
 @pytest.mark.parametrize("case", list(TRANSFORMER_CASES))
 def test_transformer_adapters_read_nothing_back_and_rerun_exactly(device, sched_name, case):
     """SD3, Flux (packed latents, shared ids, guidance embedding) and Wan (5-D latents) through GraphSampler's
@@ -313,7 +315,7 @@ def test_transformer_adapters_read_nothing_back_and_rerun_exactly(device, sched_
     ``joint_attention_kwargs`` too) give what eager ``sample()`` gives, bit for bit."""
     pytest.importorskip("transformers")
     from test_transformers import tiny_model
-    from tiny_pipelines import LATENT_SHAPES, conditioning
+    from tiny_pipelines import LATENT_SHAPES, WAN_UNIPC_SCHEDULER, conditioning
 
     from fastdiff.graph import _structure
     from fastdiff.loop import doubled_kwargs
@@ -321,6 +323,11 @@ def test_transformer_adapters_read_nothing_back_and_rerun_exactly(device, sched_
     if sched_name not in fastdiff.SCHEDULERS:
         pytest.skip(f"fastdiff has no {sched_name} yet")
     family, scale, distilled = TRANSFORMER_CASES[case]
+    config = WAN_UNIPC_SCHEDULER if sched_name == "UniPCMultistepScheduler" else {}  # flow mode, as Wan runs it
+
+    def make():
+        return fastdiff.SCHEDULERS[sched_name].from_config(config)
+
     backend = (available_backends(device) or ["reference"])[0]
     model = tiny_model(family, distilled is not None, device)
     shape, steps = (2, *LATENT_SHAPES[family]), 3
@@ -334,7 +341,7 @@ def test_transformer_adapters_read_nothing_back_and_rerun_exactly(device, sched_
     uncond = kwargs(100) if scale is not None else None
     sampler = GraphSampler(
         model,
-        fastdiff.SCHEDULERS[sched_name](),
+        make(),
         shape,
         dtype=torch.float32,
         num_inference_steps=steps,
@@ -357,7 +364,7 @@ def test_transformer_adapters_read_nothing_back_and_rerun_exactly(device, sched_
                 got = sampler._run(st)
             eager = _sample(
                 model,
-                lambda: fastdiff.SCHEDULERS[sched_name](),
+                make,
                 device,
                 backend,
                 steps,

@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import DEVICES, available_backends
 from helpers import assert_rel, describe_diff
+from tiny_pipelines import WAN_UNIPC_SCHEDULER
 
 from fastdiff import coefs, ops
 from fastdiff.noise import as_seed_tensor
@@ -142,21 +143,43 @@ def _walk_laid_out(scheduler, shape, device, steps=5):
     return outs
 
 
-@pytest.mark.parametrize("device,backend", BACKEND_CASES)
-@pytest.mark.parametrize("layout", list(SHAPES))
-@pytest.mark.parametrize("name", sorted(SCHEDULERS))
-def test_scheduler_walk_on_layouts_matches_diffusers(name, layout, device, backend):
+# the flow-matching modes the transformer pipelines run (Wan's UniPC, Sana's DPM-Solver), besides each default
+FLOW_CONFIGS = {
+    "UniPCMultistepScheduler-flow": ("UniPCMultistepScheduler", WAN_UNIPC_SCHEDULER),
+    "DPMSolverMultistepScheduler-flow": (
+        "DPMSolverMultistepScheduler",
+        dict(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0),
+    ),
+}
+WALKS = {**{name: (name, {}) for name in sorted(SCHEDULERS)}, **FLOW_CONFIGS}
+
+
+def _pair(walk, backend):
+    """(fastdiff's scheduler, diffusers' of the same class and config), or a skip naming what is missing."""
+    name, config = WALKS[walk]
     if not hasattr(diffusers, name):
         pytest.skip(f"diffusers has no {name}")
-    ours = SCHEDULERS[name](backend=backend)
-    theirs = getattr(diffusers, name).from_config(ours.config)
+    if name not in SCHEDULERS:
+        pytest.skip(f"fastdiff has no {name} yet")
+    try:
+        ours = SCHEDULERS[name].from_config(config, backend=backend)
+    except (NotImplementedError, ValueError) as exc:
+        pytest.skip(f"fastdiff's {name} does not take this config yet: {exc}")
+    return ours, getattr(diffusers, name).from_config(ours.config)
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+@pytest.mark.parametrize("layout", list(SHAPES))
+@pytest.mark.parametrize("walk", list(WALKS))
+def test_scheduler_walk_on_layouts_matches_diffusers(walk, layout, device, backend):
+    ours, theirs = _pair(walk, backend)
     got = _walk_laid_out(ours, SHAPES[layout], device)
     want = _walk_laid_out(theirs, SHAPES[layout], device)
     assert ours.last_backend == backend
     for i, ((p, x0), (p_d, x0_d)) in enumerate(zip(got, want)):
-        assert_rel(p, p_d, 1e-5, f"{name} [{backend}] {layout} step {i} prev_sample")
+        assert_rel(p, p_d, 1e-5, f"{walk} [{backend}] {layout} step {i} prev_sample")
         if x0 is not None and x0_d is not None:
-            assert_rel(x0, x0_d, 1e-5, f"{name} [{backend}] {layout} step {i} pred_original_sample")
+            assert_rel(x0, x0_d, 1e-5, f"{walk} [{backend}] {layout} step {i} pred_original_sample")
 
 
 @pytest.mark.parametrize("device,backend", BACKEND_CASES)
