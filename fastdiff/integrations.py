@@ -287,6 +287,46 @@ def _calculate_shift(pipe):
     return sys.modules[type(pipe).__module__].calculate_shift
 
 
+def _sd3_schedule(pipe, latents, sigmas, mu) -> dict:
+    """SD3's ``set_timesteps`` arguments: custom ``sigmas``; ``mu`` from the image sequence length (patches of
+    the latents) when the scheduler shifts dynamically and none is given (SD3's defaults: max_shift 1.16)."""
+    schedule = {"sigmas": sigmas} if sigmas is not None else {}
+    config = pipe.scheduler.config
+    if config.get("use_dynamic_shifting", None) and mu is None:
+        patch = pipe.transformer.config.patch_size
+        mu = _calculate_shift(pipe)(
+            (latents.shape[2] // patch) * (latents.shape[3] // patch),
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.16),
+        )
+    if mu is not None:
+        schedule["mu"] = mu
+    return schedule
+
+
+def _flux_schedule(pipe, image_seq_len: int, steps: int, sigmas) -> dict:
+    """Flux's ``set_timesteps`` arguments: sigmas linspace(1, 1/steps) unless given (none for a scheduler with
+    ``use_flow_sigmas``), and ``mu`` from the packed sequence length, always (schnell's static shift ignores
+    it; Flux's defaults: max_shift 1.15)."""
+    import numpy as np
+
+    config = pipe.scheduler.config
+    if config.get("use_flow_sigmas", False):
+        sigmas = None
+    elif sigmas is None:
+        sigmas = np.linspace(1.0, 1 / steps, steps)
+    mu = _calculate_shift(pipe)(
+        image_seq_len,
+        config.get("base_image_seq_len", 256),
+        config.get("max_image_seq_len", 4096),
+        config.get("base_shift", 0.5),
+        config.get("max_shift", 1.15),
+    )
+    return dict(mu=mu, **({"sigmas": sigmas} if sigmas is not None else {}))
+
+
 def _sd3(
     pipe,
     prompt=None,
@@ -370,19 +410,7 @@ def _sd3(
     shape = (batch, channels, int(height) // scale, int(width) // scale)
     latents = _seeded(latents, seed, shape, pe.dtype, device, pipe, backend)
     latents = pipe.prepare_latents(batch, channels, height, width, pe.dtype, device, generator, latents)
-    schedule = {"sigmas": sigmas} if sigmas is not None else {}
-    config = pipe.scheduler.config
-    if config.get("use_dynamic_shifting", None) and mu is None:
-        patch = transformer.config.patch_size
-        mu = _calculate_shift(pipe)(
-            (latents.shape[2] // patch) * (latents.shape[3] // patch),
-            config.get("base_image_seq_len", 256),
-            config.get("max_image_seq_len", 4096),
-            config.get("base_shift", 0.5),
-            config.get("max_shift", 1.16),
-        )
-    if mu is not None:
-        schedule["mu"] = mu
+    schedule = _sd3_schedule(pipe, latents, sigmas, mu)
     extra = {"joint_attention_kwargs": joint_attention_kwargs}
     cond = dict(encoder_hidden_states=pe, pooled_projections=ppe, **extra)
     uncond = dict(encoder_hidden_states=npe, pooled_projections=nppe, **extra)
@@ -390,13 +418,7 @@ def _sd3(
     latents = _denoise(
         pipe, transformer, latents, num_inference_steps, generator, seed, graph, backend, schedule, **guidance
     )
-    if output_type == "latent":
-        image = latents
-    else:
-        latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
-        image = pipe.image_processor.postprocess(
-            pipe.vae.decode(latents, return_dict=False)[0], output_type=output_type
-        )
+    image = latents if output_type == "latent" else _decode_image(pipe, latents, output_type)
     pipe.maybe_free_model_hooks()
     return StableDiffusion3PipelineOutput(images=image) if return_dict else (image,)
 
@@ -432,7 +454,6 @@ def _flux(
     """FluxPipeline.__call__ with the loop run by fastdiff: packed latents (B, sequence, 4C), image and text ids
     shared by both halves of the doubled batch, ``guidance_scale`` as the guidance embedding of a
     guidance-distilled transformer, true CFG (``negative_prompt``, ``true_cfg_scale`` > 1) as a doubled batch."""
-    import numpy as np
     from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
 
     height = height or pipe.default_sample_size * pipe.vae_scale_factor
@@ -489,19 +510,7 @@ def _flux(
     shape = (batch, (h // 2) * (w // 2), channels * 4)
     latents = _seeded(latents, seed, shape, pe.dtype, device, pipe, backend)
     latents, image_ids = pipe.prepare_latents(batch, channels, height, width, pe.dtype, device, generator, latents)
-    config = pipe.scheduler.config
-    if sigmas is None and not config.get("use_flow_sigmas", False):
-        sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
-    elif config.get("use_flow_sigmas", False):
-        sigmas = None
-    mu = _calculate_shift(pipe)(
-        latents.shape[1],
-        config.get("base_image_seq_len", 256),
-        config.get("max_image_seq_len", 4096),
-        config.get("base_shift", 0.5),
-        config.get("max_shift", 1.15),
-    )
-    schedule = dict(mu=mu, **({"sigmas": sigmas} if sigmas is not None else {}))
+    schedule = _flux_schedule(pipe, latents.shape[1], num_inference_steps, sigmas)
     extra = dict(joint_attention_kwargs=joint_attention_kwargs or {}, img_ids=image_ids)
     if transformer.config.guidance_embeds:
         extra["guidance"] = float(guidance_scale)
@@ -516,10 +525,7 @@ def _flux(
     if output_type == "latent":
         image = latents
     else:
-        latents = pipe._unpack_latents(latents, height, width, scale)
-        latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
-        image = pipe.vae.decode(latents.to(pipe.vae.device), return_dict=False)[0]
-        image = pipe.image_processor.postprocess(image, output_type=output_type)
+        image = _decode_image(pipe, pipe._unpack_latents(latents, height, width, scale), output_type)
     pipe.maybe_free_model_hooks()
     return FluxPipelineOutput(images=image) if return_dict else (image,)
 
@@ -553,17 +559,7 @@ def _wan(
     without ``boundary_ratio``); the two-expert and per-token-timestep (``expand_timesteps``) variants raise."""
     from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
 
-    for name, value in (("boundary_ratio", pipe.config.boundary_ratio), ("transformer_2", pipe.transformer_2)):
-        if value is not None:
-            raise NotImplementedError(
-                f"run_pipeline runs a WanPipeline with one transformer; this one has `{name}`={value!r} (two experts "
-                "switched by timestep): swap fastdiff's scheduler into the pipeline instead"
-            )
-    if pipe.config.get("expand_timesteps", False):
-        raise NotImplementedError(
-            "run_pipeline does not run WanPipeline with `expand_timesteps`=True (per-token timesteps); swap "
-            "fastdiff's scheduler into the pipeline instead"
-        )
+    _check_wan_variant(pipe)
     pipe.check_inputs(prompt, negative_prompt, height, width, prompt_embeds, negative_prompt_embeds, None, None)
     temporal = pipe.vae_scale_factor_temporal
     if num_frames % temporal != 1:  # the pipeline's own rounding, with its warning
@@ -604,18 +600,42 @@ def _wan(
         dict(encoder_hidden_states=pe, **extra), dict(encoder_hidden_states=npe, **extra), guidance_scale, do_cfg
     )
     latents = _denoise(pipe, transformer, latents, num_inference_steps, generator, seed, graph, backend, {}, **guidance)
-    if output_type == "latent":
-        video = latents
-    else:
-        vae = pipe.vae
-        latents = latents.to(vae.device, dtype=vae.dtype)
-        view = (1, vae.config.z_dim, 1, 1, 1)
-        mean = torch.tensor(vae.config.latents_mean).view(view).to(latents.device, latents.dtype)
-        inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(view).to(latents.device, latents.dtype)
-        video = vae.decode(latents / inv_std + mean, return_dict=False)[0]
-        video = pipe.video_processor.postprocess_video(video, output_type=output_type)
+    video = latents if output_type == "latent" else _decode_video(pipe, latents, output_type)
     pipe.maybe_free_model_hooks()
     return WanPipelineOutput(frames=video) if return_dict else (video,)
+
+
+def _check_wan_variant(pipe) -> None:
+    """run_pipeline runs Wan with one transformer and one timestep per sample; the rest raise, naming why."""
+    for name, value in (("boundary_ratio", pipe.config.boundary_ratio), ("transformer_2", pipe.transformer_2)):
+        if value is not None:
+            raise NotImplementedError(
+                f"run_pipeline runs a WanPipeline with one transformer; this one has `{name}`={value!r} (two experts "
+                "switched by timestep): swap fastdiff's scheduler into the pipeline instead"
+            )
+    if pipe.config.get("expand_timesteps", False):
+        raise NotImplementedError(
+            "run_pipeline does not run WanPipeline with `expand_timesteps`=True (per-token timesteps); swap "
+            "fastdiff's scheduler into the pipeline instead"
+        )
+
+
+def _decode_image(pipe, latents, output_type):
+    """SD3's and Flux's decode: unscale and shift (``scaling_factor``, ``shift_factor``), VAE, postprocess."""
+    latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+    image = pipe.vae.decode(latents.to(pipe.vae.device), return_dict=False)[0]
+    return pipe.image_processor.postprocess(image, output_type=output_type)
+
+
+def _decode_video(pipe, latents, output_type):
+    """Wan's decode: per-channel ``latents_mean`` / ``latents_std`` in the VAE's dtype, VAE, video postprocess."""
+    vae = pipe.vae
+    latents = latents.to(vae.device, dtype=vae.dtype)
+    view = (1, vae.config.z_dim, 1, 1, 1)
+    mean = torch.tensor(vae.config.latents_mean).view(view).to(latents.device, latents.dtype)
+    inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(view).to(latents.device, latents.dtype)
+    video = vae.decode(latents / inv_std + mean, return_dict=False)[0]
+    return pipe.video_processor.postprocess_video(video, output_type=output_type)
 
 
 _TRANSFORMER_PIPELINES = {"StableDiffusion3Pipeline": _sd3, "FluxPipeline": _flux, "WanPipeline": _wan}
