@@ -142,7 +142,6 @@ class Case:
     via: tuple = ()  # diffusers classes the config passes through first (DPM test_switch)
     sum_tol: float = 1e-2  # diffusers' tolerances: |sum - expected| < 1e-2, |mean - expected| < 1e-3
     mean_tol: float = 1e-3
-    fastdiff_unsupported: Optional[str] = None  # fastdiff raises ValueError for this config, by design
     sigma_scheduler: bool = False  # multiply by init_noise_sigma, scale_model_input each step (Euler family)
 
 
@@ -481,10 +480,6 @@ SOLVER_VARIANTS = {
     ("sde-dpmsolver++", "heun", 2, "sample"): (1788.3427, 2.328571),
 }
 
-# fastdiff implements DPM-Solver++ only ("dpmsolver++", "sde-dpmsolver++"); the deprecated first-generation
-# "dpmsolver" / "sde-dpmsolver" raise ValueError by design (fastdiff/schedulers/dpmsolver.py).
-_DEPRECATED_ALGORITHMS = ("dpmsolver", "sde-dpmsolver")
-
 for (_alg, _solver, _order, _pred), (_sum, _mean) in SOLVER_VARIANTS.items():
     CASES.append(
         _dpm(
@@ -499,7 +494,6 @@ for (_alg, _solver, _order, _pred), (_sum, _mean) in SOLVER_VARIANTS.items():
             expected_mean=_mean,
             expected_sum=_sum,
             source=COMPUTED,
-            fastdiff_unsupported=f"algorithm_type={_alg!r}" if _alg in _DEPRECATED_ALGORITHMS else None,
         )
     )
 
@@ -641,10 +635,6 @@ def test_regression_numbers_with_fastdiff(case, backend):
     if reason is not None:
         pytest.skip(f"backend {backend!r} cannot run on the CPU here: {reason}")
     cls = getattr(fastdiff, case.cls)
-    if case.fastdiff_unsupported is not None:
-        with pytest.raises(ValueError, match="algorithm_type"):
-            cls.from_config(_diffusers_config(case), backend=backend)
-        return
     scheduler = cls.from_config(_diffusers_config(case), backend=backend)
     sample = run_loop(scheduler, case)
     assert scheduler.last_backend == backend
