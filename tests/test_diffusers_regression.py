@@ -113,7 +113,8 @@ class Case:
       "train"    every training timestep, reversed, as Python ints, without set_timesteps (DDPM tests);
       "sample"   set_timesteps(steps) and the whole schedule from dummy_sample_deter * init_noise_sigma;
       "img2img"  add dummy_noise_deter at timesteps[t_start * order] and run the rest of the schedule
-                 (diffusers' test_full_loop_with_noise; DDPM uses its default 1000-step schedule).
+                 (diffusers' test_full_loop_with_noise; DDPM uses its default 1000-step schedule; flow matching
+                 noises with scale_noise, its forward process).
     """
 
     id: str
@@ -133,6 +134,7 @@ class Case:
     mean_tol: float = 1e-3
     fastdiff_unsupported: Optional[str] = None  # fastdiff raises ValueError for this config, by design
     sigma_scheduler: bool = False  # multiply by init_noise_sigma, scale_model_input each step (Euler family)
+    mu: Optional[float] = None  # set_timesteps(steps, mu=mu): dynamic shifting (flow matching)
 
 
 def _dpm(id, overrides=None, **kw):
@@ -462,6 +464,54 @@ CASES += [
     ),
 ]
 
+# FlowMatchEulerDiscreteScheduler: diffusers 0.42 ships no test file for it (only unmerged pull requests add one),
+# so these full loops (dummy_sample_deter, the toy model at the float timesteps, the seeded generator) were recorded
+# with diffusers 0.42.1 for every knob, and are checked against it by test_regression_numbers_with_diffusers.
+COMPUTED_FLOW = "computed with diffusers 0.42.1; diffusers has no FlowMatchEulerDiscreteScheduler test file"
+FLOW = "FlowMatchEulerDiscreteScheduler"
+CASES += [
+    Case("flow-euler-no-noise", FLOW, {}, "sample", 0.173648, 133.362, COMPUTED_FLOW),
+    Case("flow-euler-shift3", FLOW, {"shift": 3.0}, "sample", 0.168424, 129.3495, COMPUTED_FLOW),
+    Case(
+        "flow-euler-dynamic", FLOW, {"use_dynamic_shifting": True}, "sample", 0.167575, 128.6978, COMPUTED_FLOW, mu=1.15
+    ),
+    Case(
+        "flow-euler-dynamic-linear",
+        FLOW,
+        {"use_dynamic_shifting": True, "time_shift_type": "linear"},
+        "sample",
+        0.171614,
+        131.7999,
+        COMPUTED_FLOW,
+        mu=2.0,
+    ),
+    Case(
+        "flow-euler-shift-terminal",
+        FLOW,
+        {"shift": 3.0, "shift_terminal": 0.1},
+        "sample",
+        0.17033,
+        130.8134,
+        COMPUTED_FLOW,
+    ),
+    Case(
+        "flow-euler-karras", FLOW, {"shift": 3.0, "use_karras_sigmas": True}, "sample", 0.16311, 125.2684, COMPUTED_FLOW
+    ),
+    Case(
+        "flow-euler-exponential",
+        FLOW,
+        {"shift": 3.0, "use_exponential_sigmas": True},
+        "sample",
+        0.156033,
+        119.8333,
+        COMPUTED_FLOW,
+    ),
+    Case("flow-euler-beta", FLOW, {"shift": 3.0, "use_beta_sigmas": True}, "sample", 0.172473, 132.4592, COMPUTED_FLOW),
+    Case("flow-euler-invert", FLOW, {"invert_sigmas": True}, "sample", 1.157425, 888.9026, COMPUTED_FLOW),
+    Case("flow-euler-stochastic", FLOW, {"stochastic_sampling": True}, "sample", 0.164227, 126.1261, COMPUTED_FLOW),
+    Case("flow-euler-with-noise", FLOW, {"shift": 3.0}, "img2img", 0.227792, 174.9444, COMPUTED_FLOW, t_start=5),
+]
+
 # Not covered: diffusers' test_custom_timesteps / test_custom_sigmas compare two loops with each other (no
 # numbers), and DPM test_fp16_support only checks the output dtype.
 
@@ -495,16 +545,20 @@ def run_loop(scheduler, case: Case) -> torch.Tensor:
         timesteps = list(reversed(range(scheduler.config.num_train_timesteps)))
     else:
         if case.steps is not None:
+            kwargs_set = {"mu": case.mu} if case.mu is not None else {}
             if case.device is not None:
-                scheduler.set_timesteps(case.steps, device=case.device)
+                scheduler.set_timesteps(case.steps, device=case.device, **kwargs_set)
             else:
-                scheduler.set_timesteps(case.steps)
+                scheduler.set_timesteps(case.steps, **kwargs_set)
         if case.sigma_scheduler:
             sample = sample * scheduler.init_noise_sigma
         timesteps = scheduler.timesteps
         if case.loop == "img2img":
             timesteps = timesteps[case.t_start * scheduler.order :]
-            sample = scheduler.add_noise(sample, deterministic_noise(), timesteps[:1])
+            if hasattr(scheduler, "scale_noise"):  # flow matching's forward process (diffusers' class has no add_noise)
+                sample = scheduler.scale_noise(sample, timesteps[:1], deterministic_noise())
+            else:
+                sample = scheduler.add_noise(sample, deterministic_noise(), timesteps[:1])
         elif case.loop != "sample":
             raise AssertionError(f"unknown loop kind {case.loop!r}")
 
@@ -538,6 +592,7 @@ REGRESSION_CLASSES = (
     "EulerDiscreteScheduler",
     "EulerAncestralDiscreteScheduler",
     "DPMSolverMultistepScheduler",
+    "FlowMatchEulerDiscreteScheduler",
 )
 
 

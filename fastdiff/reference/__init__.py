@@ -9,6 +9,7 @@ from .ddim import ddim_step
 from .ddpm import ddpm_step, ddpm_variance
 from .dpmsolver import alpha_sigma, dpm_eps, dpm_update, dpm_x0
 from .euler import euler_ancestral_step, euler_step
+from .flow_match import flow_match_euler_step, flow_match_euler_step_per_token, scale_noise
 
 __all__ = [
     "add_noise",
@@ -18,6 +19,9 @@ __all__ = [
     "dpm_x0",
     "euler_ancestral_step",
     "euler_step",
+    "flow_match_euler_step",
+    "flow_match_euler_step_per_token",
+    "scale_noise",
     "apply_guidance",
     "ddim_step",
     "ddpm_step",
