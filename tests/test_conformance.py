@@ -42,10 +42,7 @@ VERSION_KEYS = ("_diffusers_version", "_fastdiff_version")
 FLUX_MU = 1.15
 
 #: (fixture, class) -> what fastdiff lacks for it: step-path features still to come (issue 11); strict xfail
-GAPS = {
-    ("flux1_dev_flowmatch", "DPMSolverMultistepScheduler"): "DPM-Solver++ rejects use_dynamic_shifting=True",
-    ("wan21_unipc", "DPMSolverMultistepScheduler"): "DPM-Solver++ rejects use_flow_sigmas / flow_prediction",
-}
+GAPS: dict = {}
 
 #: (fixture, class) -> the argument fastdiff refuses at construction, where diffusers constructs the scheduler
 #: but cannot step it (documented departures: a clear error early instead of one at the first step)
@@ -211,7 +208,10 @@ def test_switch_a_b_a_matches_diffusers(fixture, a, b):
         ours, theirs = getattr(fastdiff, name).from_config(ours).config, build(diffusers, name, theirs).config
         assert_same_config(ours, theirs, f"{fixture}: hop {hop} ({' -> '.join((a, b, a)[: hop + 1])})")
     first = getattr(fastdiff, a).from_config(pipeline_config(fixture)).config
-    lost = {k: v for k, v in first.items() if ours.get(k) != v}
+    theirs_first = build(diffusers, a, pipeline_config(fixture)).config
+    # a key diffusers' own chain changes too is not lost: DPM-Solver maps UniPC's solver_type "bh2" to "midpoint"
+    # on the way through (Wan's config via FlowMatchEuler -> DPM-Solver -> FlowMatchEuler)
+    lost = {k: v for k, v in first.items() if ours.get(k) != v and theirs.get(k) == theirs_first.get(k)}
     assert not lost, f"{a} -> {b} -> {a} lost or changed {lost}"
 
 

@@ -132,7 +132,6 @@ class Case:
     via: tuple = ()  # diffusers classes the config passes through first (DPM test_switch)
     sum_tol: float = 1e-2  # diffusers' tolerances: |sum - expected| < 1e-2, |mean - expected| < 1e-3
     mean_tol: float = 1e-3
-    fastdiff_unsupported: Optional[str] = None  # fastdiff raises ValueError for this config, by design
     sigma_scheduler: bool = False  # multiply by init_noise_sigma, scale_model_input each step (Euler family)
     mu: Optional[float] = None  # set_timesteps(steps, mu=mu): dynamic shifting (flow matching)
 
@@ -417,10 +416,6 @@ SOLVER_VARIANTS = {
     ("sde-dpmsolver++", "heun", 2, "sample"): (1788.3427, 2.328571),
 }
 
-# fastdiff implements DPM-Solver++ only ("dpmsolver++", "sde-dpmsolver++"); the deprecated first-generation
-# "dpmsolver" / "sde-dpmsolver" raise ValueError by design (fastdiff/schedulers/dpmsolver.py).
-_DEPRECATED_ALGORITHMS = ("dpmsolver", "sde-dpmsolver")
-
 for (_alg, _solver, _order, _pred), (_sum, _mean) in SOLVER_VARIANTS.items():
     CASES.append(
         _dpm(
@@ -435,7 +430,6 @@ for (_alg, _solver, _order, _pred), (_sum, _mean) in SOLVER_VARIANTS.items():
             expected_mean=_mean,
             expected_sum=_sum,
             source=COMPUTED,
-            fastdiff_unsupported=f"algorithm_type={_alg!r}" if _alg in _DEPRECATED_ALGORITHMS else None,
         )
     )
 
@@ -510,6 +504,70 @@ CASES += [
     Case("flow-euler-invert", FLOW, {"invert_sigmas": True}, "sample", 1.157425, 888.9026, COMPUTED_FLOW),
     Case("flow-euler-stochastic", FLOW, {"stochastic_sampling": True}, "sample", 0.164227, 126.1261, COMPUTED_FLOW),
     Case("flow-euler-with-noise", FLOW, {"shift": 3.0}, "img2img", 0.227792, 174.9444, COMPUTED_FLOW, t_start=5),
+]
+
+# DPM-Solver++ in flow mode (Sana's config: flow_prediction, use_flow_sigmas, flow_shift=3.0, final sigma 0, lower-order
+# final steps): diffusers' test file has no flow case, so these were recorded with diffusers 0.42.1.
+COMPUTED_DPM_FLOW = "computed with diffusers 0.42.1; diffusers' DPM test file has no flow-mode case"
+SANA = {
+    "prediction_type": "flow_prediction",
+    "use_flow_sigmas": True,
+    "flow_shift": 3.0,
+    "final_sigmas_type": "zero",
+    "lower_order_final": True,
+}
+CASES += [
+    _dpm("dpm-flow-sana", SANA, loop="sample", expected_mean=0.178753, expected_sum=137.2821, source=COMPUTED_DPM_FLOW),
+    _dpm(
+        "dpm-flow-order3",
+        {**SANA, "solver_order": 3},
+        loop="sample",
+        expected_mean=0.17914,
+        expected_sum=137.5792,
+        source=COMPUTED_DPM_FLOW,
+    ),
+    _dpm(
+        "dpm-flow-heun",
+        {**SANA, "solver_type": "heun"},
+        loop="sample",
+        expected_mean=0.179788,
+        expected_sum=138.077,
+        source=COMPUTED_DPM_FLOW,
+    ),
+    _dpm(
+        "dpm-flow-sde",
+        {**SANA, "algorithm_type": "sde-dpmsolver++"},
+        loop="sample",
+        expected_mean=0.263582,
+        expected_sum=202.4309,
+        source=COMPUTED_DPM_FLOW,
+    ),
+    _dpm(
+        "dpm-flow-dynamic",
+        {**SANA, "use_dynamic_shifting": True},
+        loop="sample",
+        expected_mean=0.181693,
+        expected_sum=139.5403,
+        source=COMPUTED_DPM_FLOW,
+        mu=0.8,
+    ),
+    _dpm(
+        "dpm-flow-sigma-min",
+        {"prediction_type": "flow_prediction", "use_flow_sigmas": True, "flow_shift": 3.0},
+        loop="sample",
+        expected_mean=0.217062,
+        expected_sum=166.7038,
+        source=COMPUTED_DPM_FLOW,
+    ),
+    _dpm(
+        "dpm-flow-with-noise",
+        SANA,
+        loop="img2img",
+        t_start=5,
+        expected_mean=0.229297,
+        expected_sum=176.1001,
+        source=COMPUTED_DPM_FLOW,
+    ),
 ]
 
 # Not covered: diffusers' test_custom_timesteps / test_custom_sigmas compare two loops with each other (no
@@ -623,16 +681,13 @@ FASTDIFF_CASES = [
 ]
 
 
+@pytest.mark.filterwarnings("ignore:algorithm_type .* is deprecated:FutureWarning")
 @pytest.mark.parametrize("case,backend", FASTDIFF_CASES)
 def test_regression_numbers_with_fastdiff(case, backend):
     reason = ops.unavailable(backend, torch.device("cpu"))
     if reason is not None:
         pytest.skip(f"backend {backend!r} cannot run on the CPU here: {reason}")
     cls = getattr(fastdiff, case.cls)
-    if case.fastdiff_unsupported is not None:
-        with pytest.raises(ValueError, match="algorithm_type"):
-            cls.from_config(_diffusers_config(case), backend=backend)
-        return
     scheduler = cls.from_config(_diffusers_config(case), backend=backend)
     sample = run_loop(scheduler, case)
     assert scheduler.last_backend == backend
