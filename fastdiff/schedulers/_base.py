@@ -30,7 +30,7 @@ class SchedulerBase(ConfigMixin):
     - ``_plan(i, timestep, model_output, sample, opts)``: which row, whether noise, history in and out;
     - ``_reference_step(plan, model_output, sample, noise, opts)``: the op-by-op reference;
     - optionally ``_locate`` (how the step index is found), ``_advance`` (per-loop state after a step),
-      ``_channel_factor`` (a learned variance doubles the model output's channels);
+      ``_channel_factors`` (a learned variance doubles the model output's channels);
 
     and registers its class with ``@register`` (``_registry.py``).
 
@@ -124,7 +124,7 @@ class SchedulerBase(ConfigMixin):
             if host is None:
                 host = self._coef_table(*key)
                 self._tables[(key, None)] = host
-            table = torch.from_numpy(host.astype(np.float32)).to(device)
+            table = to_device(torch.from_numpy(host.astype(np.float32)), device)
             self._tables[full_key] = table
         return table
 
@@ -156,7 +156,7 @@ class SchedulerBase(ConfigMixin):
             return value.to(device=device, dtype=torch.float32).reshape(1)
         return self._cached(
             ("scalar", float(value), torch.device(device)),
-            lambda: torch.tensor([float(value)], dtype=torch.float32, device=device),
+            lambda: to_device(torch.tensor([float(value)], dtype=torch.float32), device),
         )
 
     def _seed_tensor(self, seed, batch, device) -> torch.Tensor:
@@ -318,18 +318,19 @@ class SchedulerBase(ConfigMixin):
             )
         batch = guidance_batch(model_output, guidance_scale)
         shape = tuple(sample.shape)
-        rest = ((shape[1] * self._channel_factor(),) + shape[2:]) if len(shape) >= 2 else ()
-        expected = (shape[0] * (2 if guidance_scale is not None else 1),) + rest
-        if tuple(model_output.shape) != expected:
+        lead = (shape[0] * (2 if guidance_scale is not None else 1),)
+        expected = [lead + ((shape[1] * f,) + shape[2:] if len(shape) >= 2 else ()) for f in self._channel_factors()]
+        if tuple(model_output.shape) not in expected:
             raise ValueError(
-                f"`model_output` has shape {tuple(model_output.shape)}; expected {expected} for `sample` of shape "
-                f"{shape}" + (" under classifier-free guidance" if guidance_scale is not None else "")
+                f"`model_output` has shape {tuple(model_output.shape)}; expected {' or '.join(map(str, expected))} "
+                f"for `sample` of shape {shape}"
+                + (" under classifier-free guidance" if guidance_scale is not None else "")
             )
         return batch
 
-    def _channel_factor(self) -> int:
-        """How many times the sample's channels the model output has (2 for a learned variance)."""
-        return 1
+    def _channel_factors(self) -> tuple:
+        """How many times the sample's channels the model output may have (2 with a learned variance)."""
+        return (1,)
 
     def _draw_noise(self, shape, generator, device, dtype, noise_seed, variance_noise, batch, offset: int):
         """Returns (noise tensor or None, seed tensor or None, offset tensor or None)."""
@@ -434,6 +435,16 @@ class StepPlan:
     thresholding: bool = False
     reference_only: bool = False
     state: dict = field(default_factory=dict)
+
+
+def to_device(host: torch.Tensor, device) -> torch.Tensor:
+    """``host`` on ``device`` without making the host wait: a copy from pinned memory is asynchronous, where one
+    from ordinary (pageable) memory blocks until the GPU has finished everything queued before it, a host
+    sync at the first step after each ``set_timesteps``."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def guidance_batch(model_output: torch.Tensor, guidance_scale) -> int:

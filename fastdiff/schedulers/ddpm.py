@@ -146,8 +146,12 @@ class DDPMScheduler(SchedulerBase):
 
     # ------------------------------------------------------------------ step
 
-    def _channel_factor(self) -> int:
-        return 2 if self.variance_type in ("learned", "learned_range") else 1
+    def _channel_factors(self) -> tuple:
+        return (2,) if self._learned else (1,)
+
+    @property
+    def _learned(self) -> bool:
+        return self.variance_type in ("learned", "learned_range")
 
     def step(
         self,
@@ -168,7 +172,7 @@ class DDPMScheduler(SchedulerBase):
         Noise (when t > 0) is drawn exactly as diffusers draws it from ``generator`` (or the global RNG),
         unless ``noise_seed`` asks for in-kernel Philox noise. Returns ``SchedulerOutput`` or a tuple.
         """
-        if self._channel_factor() == 2 and guidance_scale is not None:
+        if self._learned and guidance_scale is not None:
             raise ValueError(
                 f"`guidance_scale` cannot be combined with variance_type {self.variance_type!r}: guide the model "
                 "output before the step"
@@ -191,7 +195,7 @@ class DDPMScheduler(SchedulerBase):
     def _plan(self, i, timestep, model_output, sample, opts) -> StepPlan:
         t = int(self._timestep_values[i])
         channels = sample.shape[1]
-        learned = self._channel_factor() == 2
+        learned = self._learned
         eps = model_output[:, :channels] if learned else model_output
         cfg = self.config
         return StepPlan(

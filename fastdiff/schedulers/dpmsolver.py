@@ -268,9 +268,12 @@ class DPMSolverMultistepScheduler(SigmaSchedulerBase):
         """DPM-Solver (not ++) integrates the noise prediction: its history holds eps, not x0."""
         return self.config.algorithm_type in ("dpmsolver", "sde-dpmsolver")
 
-    def _channel_factor(self) -> int:
+    def _channel_factors(self) -> tuple:
+        """With a learned variance and epsilon prediction diffusers keeps the output's first channels (it slices 3,
+        for DeepFloyd IF's 3-channel samples; here the sample's channel count, which agrees wherever diffusers
+        runs): an output of the sample's channels or twice as many."""
         learned = self.config.variance_type in ("learned", "learned_range")
-        return 2 if learned and self.config.prediction_type == "epsilon" else 1
+        return (1, 2) if learned and self.config.prediction_type == "epsilon" else (1,)
 
     def _coef_table(self) -> np.ndarray:
         """Rows [step i, order - 1]: the model output converted at sigma_i (to x0 for DPM-Solver++, to eps
@@ -374,7 +377,7 @@ class DPMSolverMultistepScheduler(SigmaSchedulerBase):
         cfg = self.config
         order = self._order_at(i, self.lower_order_nums)
         n = cfg.solver_order
-        m = model_output[:, : sample.shape[1]] if self._channel_factor() == 2 else model_output
+        m = model_output[:, : sample.shape[1]] if model_output.shape[1] != sample.shape[1] else model_output
         hist = self._history(sample.shape, m.dtype, sample.device)
         return StepPlan(
             i,

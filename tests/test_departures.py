@@ -1,0 +1,128 @@
+"""Each deliberate departure from diffusers listed in the README ("The diffusers contract, and where fastdiff
+departs from it"), one test per row, with diffusers' own behaviour checked beside it where it runs."""
+
+import json
+import logging
+import warnings
+
+import pytest
+import torch
+
+import fastdiff
+
+diffusers = pytest.importorskip("diffusers")
+
+
+@pytest.mark.parametrize("name", sorted(fastdiff.SCHEDULERS))
+def test_trained_betas_of_the_wrong_length_are_refused(name):
+    if "trained_betas" not in fastdiff.SCHEDULERS[name]._init_keys_ordered():
+        pytest.skip(f"{name} has no trained_betas")
+    getattr(diffusers, name)(trained_betas=[0.1, 0.3])  # diffusers accepts it
+    with pytest.raises(ValueError, match=r"`trained_betas`.*num_train_timesteps=1000.*\(2,\)"):
+        fastdiff.SCHEDULERS[name](trained_betas=[0.1, 0.3])
+
+
+def test_unknown_ddpm_variance_type_is_refused():
+    diffusers.DDPMScheduler(variance_type="other")
+    with pytest.raises(ValueError, match="`variance_type`.*'other'"):
+        fastdiff.DDPMScheduler(variance_type="other")
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_sde_dpmsolver_third_order_is_refused_at_construction():
+    d = diffusers.DPMSolverMultistepScheduler(
+        algorithm_type="sde-dpmsolver", solver_order=3, final_sigmas_type="sigma_min", lower_order_final=False
+    )
+    d.set_timesteps(20)
+    x = torch.randn(1, 2, 3, 3)
+    with pytest.raises(UnboundLocalError):  # diffusers: no third-order SDE-DPM-Solver update
+        for t in d.timesteps[:3]:
+            x = d.step(torch.randn_like(x), t, x).prev_sample
+    with pytest.raises(ValueError, match="`solver_order`=3 is not defined for `algorithm_type`='sde-dpmsolver'"):
+        fastdiff.DPMSolverMultistepScheduler(
+            algorithm_type="sde-dpmsolver", solver_order=3, final_sigmas_type="sigma_min"
+        )
+
+
+@pytest.mark.parametrize("channels", [3, 4])
+def test_dpm_learned_variance_keeps_the_samples_channels(channels):
+    """diffusers keeps the first 3 channels: right for 3-channel samples (where fastdiff agrees), wrong for 4."""
+    f = fastdiff.DPMSolverMultistepScheduler(variance_type="learned_range", backend="reference")
+    d = diffusers.DPMSolverMultistepScheduler(variance_type="learned_range")
+    f.set_timesteps(5)
+    d.set_timesteps(5)
+    x = torch.randn(2, channels, 4, 4)
+    out = torch.randn(2, 2 * channels, 4, 4)
+    got = f.step(out, f.timesteps[0], x).prev_sample
+    same = f.step  # a C-channel output is accepted too (diffusers slices a no-op)
+    assert got.shape == x.shape
+    if channels == 3:
+        torch.testing.assert_close(got, d.step(out, d.timesteps[0], x).prev_sample, rtol=1e-5, atol=1e-6)
+    else:
+        with pytest.raises(RuntimeError):
+            d.step(out, d.timesteps[0], x)
+    f.set_timesteps(5)
+    assert same(out[:, :channels], f.timesteps[0], x).prev_sample.shape == x.shape
+
+
+def test_dpmsolver_with_thresholding_runs_the_reference_step():
+    kw = dict(algorithm_type="dpmsolver", thresholding=True, final_sigmas_type="sigma_min")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        f = fastdiff.DPMSolverMultistepScheduler(**kw, backend="torch")
+        d = diffusers.DPMSolverMultistepScheduler(**kw)
+    f.set_timesteps(6)
+    d.set_timesteps(6)
+    x_f = x_d = torch.randn(1, 2, 4, 4) * 3
+    for tf, td in zip(f.timesteps, d.timesteps):
+        m = torch.randn(1, 2, 4, 4)
+        x_f, x_d = f.step(m, tf, x_f).prev_sample, d.step(m, td, x_d).prev_sample
+        assert f.last_backend == "reference"
+    torch.testing.assert_close(x_f, x_d, rtol=1e-5, atol=1e-5)
+
+
+def test_class_name_is_in_the_config_from_construction():
+    assert fastdiff.DDIMScheduler().config["_class_name"] == "DDIMScheduler"
+    assert "_class_name" not in diffusers.DDIMScheduler().config  # diffusers adds it when printed or saved
+
+
+def test_positional_arguments_count_as_passed():
+    f = fastdiff.DDPMScheduler(500)
+    assert "num_train_timesteps" not in f.config["_use_default_values"]
+    assert fastdiff.EulerDiscreteScheduler.from_config(f.config).config.num_train_timesteps == 500
+    d = diffusers.DDPMScheduler(500)
+    assert diffusers.EulerDiscreteScheduler.from_config(d.config).config.num_train_timesteps == 1000
+
+
+def test_config_values_are_json_ready_and_read_only():
+    f = fastdiff.DDPMScheduler(trained_betas=torch.linspace(1e-4, 0.02, 1000).numpy())
+    assert isinstance(f.config.trained_betas, list)
+    json.dumps(dict(f.config))
+    with pytest.raises(TypeError, match="frozen"):
+        f.config["beta_start"] = 0.5
+
+
+def test_saved_files_carry_the_fastdiff_version(tmp_path):
+    fastdiff.DDIMScheduler().save_config(tmp_path)
+    saved = json.loads((tmp_path / "scheduler_config.json").read_text())
+    assert saved["_fastdiff_version"] == fastdiff.__version__ and "_diffusers_version" not in saved
+
+
+def test_save_config_into_a_file_raises_both_error_types(tmp_path):
+    path = tmp_path / "file"
+    path.write_text("x")
+    for kind in (NotADirectoryError, AssertionError):
+        with pytest.raises(kind, match="`save_directory`"):
+            fastdiff.DDIMScheduler().save_config(path)
+
+
+def test_ignored_keys_warning_only_for_fastdiff_sources(caplog):
+    unknown = dict(fastdiff.DDIMScheduler().config, not_an_option=1)
+    with caplog.at_level(logging.WARNING, logger="fastdiff"):
+        fastdiff.EulerDiscreteScheduler.from_config(unknown)
+    assert any("not_an_option" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    pndm = dict(diffusers.PNDMScheduler().config, _class_name="PNDMScheduler")
+    with caplog.at_level(logging.WARNING, logger="fastdiff"):
+        fastdiff.EulerDiscreteScheduler.from_config(pndm)
+    assert not [r for r in caplog.records if "ignores" in r.getMessage()]
