@@ -373,11 +373,7 @@ def draws_noise(preset: str) -> bool:
     from .schedulers import PRESETS
 
     p = PRESETS[preset]
-    return (
-        p.scheduler in ("DDPMScheduler", "EulerAncestralDiscreteScheduler")
-        or p.step_kwargs.get("eta", 0) > 0
-        or str(p.config.get("algorithm_type", "")).startswith("sde")
-    )
+    return p.cls.from_config(p.config).draws_noise(p.step_kwargs)
 
 
 def device_step_case(preset: str, shape, dtype, device, provider: str, noise: str = "generator") -> Case:
@@ -388,7 +384,7 @@ def device_step_case(preset: str, shape, dtype, device, provider: str, noise: st
     s, kw = make_scheduler(preset, provider)
     if provider == "diffusers-compile":
         raise Unavailable("the compiled step is timed in the latent-size walks")
-    if type(s).__name__ not in ("DDIMScheduler", "DDPMScheduler"):
+    if hasattr(s, "step_index"):  # sigma-space and multistep samplers count their steps
         raise Unavailable(f"{type(s).__name__} keeps state between steps: time it as a walk (step_case)")
     kw.update(_noise_kwargs(noise, provider, device))
     s.set_timesteps(STEPS, device=device)

@@ -244,11 +244,15 @@ def dpm_schedule(
     use_exponential_sigmas: bool = False,
     use_beta_sigmas: bool = False,
     use_lu_lambdas: bool = False,
+    use_flow_sigmas: bool = False,
+    flow_shift: float = 1.0,
     final_sigmas_type: str = "zero",
     beta_schedule: str = "linear",
     timesteps=None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(timesteps int64 (n,), sigmas float32 (n+1,)) as diffusers' ``DPMSolverMultistepScheduler.set_timesteps``."""
+    """(timesteps int64 (n,), sigmas float32 (n+1,)) as diffusers' ``DPMSolverMultistepScheduler.set_timesteps``.
+    ``use_flow_sigmas`` (where no karras/lu/exponential/beta spacing is asked for) replaces the spaced timesteps by
+    :func:`flow_sigmas` and their sigma * T, truncated to integers."""
     T = len(alphas_cumprod)
     if timesteps is not None:
         ts = np.array(timesteps).astype(np.int64)
@@ -289,6 +293,9 @@ def dpm_schedule(
         flipped = np.flip(full).copy()
         sig = beta_sigmas(float(flipped[-1]), float(flipped[0]), n)
         ts = np.array([sigma_to_t(s, log_full) for s in sig])
+    elif use_flow_sigmas:
+        sig = flow_sigmas(n, T, flow_shift)
+        ts = sig * T
     else:
         sig = np.interp(ts, np.arange(0, len(full)), full)
     check_choice("final_sigmas_type", final_sigmas_type, ("zero", "sigma_min"))
@@ -439,3 +446,26 @@ def unipc_schedule(
         last = float(((1 - alphas_cumprod[0]) / alphas_cumprod[0]) ** 0.5) if final_sigmas_type == "sigma_min" else 0
     sigmas_out = np.concatenate([sig, [last]]).astype(np.float32)
     return torch.from_numpy(np.asarray(ts)).to(torch.int64).numpy(), sigmas_out
+
+
+def flow_sigmas(num_inference_steps: int, num_train_timesteps: int, shift: float) -> np.ndarray:
+    """The ``use_flow_sigmas`` schedule of diffusers' multistep solvers (DPM-Solver, UniPC): ``num_inference_steps``
+    shifted sigmas, float64, descending from shift(1 - 1/T) (the final 0 not included)."""
+    sigmas = 1.0 - np.linspace(1, 1 / num_train_timesteps, num_inference_steps + 1)
+    return np.flip(shift_sigmas(sigmas, shift))[:-1].copy()
+
+
+def calculate_shift(
+    image_seq_len: int,
+    base_seq_len: int = 256,
+    max_seq_len: int = 4096,
+    base_shift: float = 0.5,
+    max_shift: float = 1.15,
+) -> float:
+    """``mu`` for ``set_timesteps(mu=...)`` with dynamic shifting, as diffusers' FLUX.1 / SD3 pipelines compute it:
+    linear in the image's token count, ``base_shift`` at ``base_seq_len`` tokens and ``max_shift`` at ``max_seq_len``
+    (FLUX.1 at 1024x1024: 4096 tokens, mu = 1.15). Pass the scheduler config's ``base_image_seq_len``,
+    ``max_image_seq_len``, ``base_shift`` and ``max_shift``."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    b = base_shift - m * base_seq_len
+    return image_seq_len * m + b

@@ -66,6 +66,17 @@ SCHEDULERS = {
         lambda: fastdiff.DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver", final_sigmas_type="sigma_min"),
         {},
     ),
+    "flow-euler-sde": (lambda: fastdiff.FlowMatchEulerDiscreteScheduler(stochastic_sampling=True, shift=3.0), {}),
+    "dpm++3m-sde-flow": (
+        lambda: fastdiff.DPMSolverMultistepScheduler(
+            algorithm_type="sde-dpmsolver++",
+            solver_order=3,
+            prediction_type="flow_prediction",
+            use_flow_sigmas=True,
+            flow_shift=3.0,
+        ),
+        {},
+    ),
 }
 
 

@@ -175,3 +175,83 @@ def test_unipc_more_steps_than_training_timesteps_are_refused():
     s = fastdiff.UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction")
     s.set_timesteps(1500)
     assert len(s.timesteps) == 1500 and s.sigmas.unique().numel() == 1501
+
+
+def test_flow_match_euler_extras_for_generic_loops():
+    d, f = diffusers.FlowMatchEulerDiscreteScheduler(), fastdiff.FlowMatchEulerDiscreteScheduler()
+    for attr in ("init_noise_sigma", "scale_model_input", "add_noise"):
+        assert not hasattr(d, attr) and hasattr(f, attr)
+    f.set_timesteps(4)
+    x, noise = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    assert f.init_noise_sigma == 1.0 and f.scale_model_input(x, f.timesteps[0]) is x
+    assert torch.equal(f.add_noise(x, noise, f.timesteps[:1]), f.scale_noise(x, f.timesteps[:1], noise))
+
+
+def test_flow_match_euler_timestep_outside_the_schedule():
+    d, f = diffusers.FlowMatchEulerDiscreteScheduler(), fastdiff.FlowMatchEulerDiscreteScheduler()
+    for s in (d, f):
+        s.set_timesteps(4)
+    x = torch.randn(1, 2, 3, 3)
+    with pytest.raises(IndexError):
+        d.step(x, torch.tensor(123.5), x)
+    for error in (IndexError, ValueError):
+        f.set_timesteps(4)
+        with pytest.raises(error, match=r"`timestep`=123.5 is not in the schedule"):
+            f.step(x, torch.tensor(123.5), x)
+
+
+def test_flow_match_euler_set_timesteps_without_steps():
+    with pytest.raises(TypeError):
+        diffusers.FlowMatchEulerDiscreteScheduler().set_timesteps()
+    d = diffusers.FlowMatchEulerDiscreteScheduler()
+    d.set_timesteps(0)
+    assert len(d.timesteps) == 0
+    for kwargs in ({}, {"num_inference_steps": 0}):
+        with pytest.raises(ValueError, match="`num_inference_steps`"):
+            fastdiff.FlowMatchEulerDiscreteScheduler().set_timesteps(**kwargs)
+
+
+def test_flow_match_euler_per_token_timesteps_run_the_reference_step():
+    f = fastdiff.FlowMatchEulerDiscreteScheduler(backend="torch")
+    f.set_timesteps(4)
+    x = torch.randn(1, 6, 2)
+    f.step(torch.randn_like(x), f.timesteps[0], x, per_token_timesteps=f.timesteps[0].expand(1, 6))
+    assert f.last_backend == "reference"
+    f.step(torch.randn_like(x), f.timesteps[1], x)
+    assert f.last_backend == "torch"
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_dpm_flow_prediction_with_noise_prediction_solvers_is_refused():
+    kw = dict(prediction_type="flow_prediction", algorithm_type="dpmsolver", final_sigmas_type="sigma_min")
+    d = diffusers.DPMSolverMultistepScheduler(**kw)
+    d.set_timesteps(4)
+    x = torch.randn(1, 2, 3, 3)
+    with pytest.raises(ValueError):
+        d.step(x, d.timesteps[0], x)
+    with pytest.raises(ValueError, match="`prediction_type`='flow_prediction' is not supported"):
+        fastdiff.DPMSolverMultistepScheduler(**kw)
+
+
+def test_dpm_mu_is_checked_and_kept_out_of_the_config():
+    flow = dict(prediction_type="flow_prediction", use_flow_sigmas=True)
+    with pytest.raises(AssertionError):
+        diffusers.DPMSolverMultistepScheduler(**flow).set_timesteps(4, mu=0.5)
+    with pytest.raises(ValueError, match=r"`mu`=0.5 needs use_dynamic_shifting=True"):
+        fastdiff.DPMSolverMultistepScheduler(**flow).set_timesteps(4, mu=0.5)
+    d = diffusers.DPMSolverMultistepScheduler(**flow, use_dynamic_shifting=True)
+    f = fastdiff.DPMSolverMultistepScheduler(**flow, use_dynamic_shifting=True)
+    for s in (d, f):
+        s.set_timesteps(4, mu=0.5)
+        s.set_timesteps(6)  # e^mu still applies
+    assert torch.equal(f.sigmas, d.sigmas)
+    assert d.config.flow_shift != d.config["flow_shift"] == 1.0  # diffusers: attribute and dict entry disagree
+    assert f.config.flow_shift == f.config["flow_shift"] == 1.0
+
+
+def test_dpm_custom_timesteps_with_flow_sigmas_are_refused():
+    flow = dict(prediction_type="flow_prediction", use_flow_sigmas=True)
+    with pytest.raises(TypeError):
+        diffusers.DPMSolverMultistepScheduler(**flow).set_timesteps(timesteps=[900, 500, 100])
+    with pytest.raises(ValueError, match="custom `timesteps` cannot be combined with use_flow_sigmas"):
+        fastdiff.DPMSolverMultistepScheduler(**flow).set_timesteps(timesteps=[900, 500, 100])

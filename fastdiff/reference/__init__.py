@@ -9,6 +9,7 @@ from .ddim import ddim_step
 from .ddpm import ddpm_step, ddpm_variance
 from .dpmsolver import alpha_sigma, dpm_eps, dpm_update, dpm_x0
 from .euler import euler_ancestral_step, euler_step
+from .flow_match import flow_match_euler_step, flow_match_euler_step_per_token, scale_noise
 from .unipc import unipc_alpha_sigma, unipc_convert, unipc_correct, unipc_predict
 
 __all__ = [
@@ -19,6 +20,9 @@ __all__ = [
     "dpm_x0",
     "euler_ancestral_step",
     "euler_step",
+    "flow_match_euler_step",
+    "flow_match_euler_step_per_token",
+    "scale_noise",
     "apply_guidance",
     "ddim_step",
     "ddpm_step",

@@ -22,6 +22,12 @@ def vp_x0(prediction_type: str, alpha_t, sigma_t) -> tuple:
     raise ValueError(f"`prediction_type` must be one of {list(PREDICTION_TYPES)}, got {prediction_type!r}")
 
 
+def flow_x0(sigma) -> tuple:
+    """(X_S, A_X, A_M) for a flow-matching velocity m = eps - x0 of x = (1 - sigma) x0 + sigma eps (diffusers'
+    ``flow_prediction``): x0 = x - sigma m. ``sigma`` is the schedule's own sigma, float or float64 array."""
+    return 1.0, 1.0, -sigma
+
+
 def ve_x0(prediction_type: str, sigma, sigma_hat) -> tuple:
     """(X_S, A_X, A_M) for the k-diffusion (variance-exploding) sample of Euler: epsilon x - sigma_hat m;
     v_prediction x / (sigma^2 + 1) - sigma / sqrt(sigma^2 + 1) m; sample m."""
