@@ -21,6 +21,10 @@ SCHEDULERS = {
     "dpm++2m": ("DPMSolverMultistepScheduler", {}),
     "flow-euler": ("FlowMatchEulerDiscreteScheduler", dict(shift=3.0)),
     "unipc-flow": ("UniPCMultistepScheduler", WAN_UNIPC_SCHEDULER),
+    "dpm-flow": (
+        "DPMSolverMultistepScheduler",
+        dict(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0),
+    ),
 }
 CASES = {
     # family, guidance (true CFG) scale, Flux's distilled guidance
