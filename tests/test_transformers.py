@@ -140,13 +140,7 @@ def test_packed_and_5d_loops_on_every_backend(case, device, backend):
     "sched_name",
     [
         "EulerDiscreteScheduler",
-        pytest.param(
-            "DPMSolverMultistepScheduler",
-            marks=pytest.mark.xfail(
-                reason="fastdiff's DPM-Solver returns the model output's dtype (bf16); diffusers' returns its "
-                "converted model output's, promoted with the float32 sample (float32)"
-            ),
-        ),
+        "DPMSolverMultistepScheduler",
     ],
 )
 def test_wan_bf16_transformer_on_float32_latents(sched_name):
