@@ -104,6 +104,17 @@ def measure(benchmark, copy_gbps, syncs_counted):
     return run
 
 
+@pytest.fixture
+def record(copy_gbps):
+    """record(row): keep a row measured outside ``measure`` (the CPU walks timed side by side) for the files."""
+
+    def add(row: dict) -> None:
+        ROWS.append(row)
+        _write_results(copy_gbps)
+
+    return add
+
+
 # ------------------------------------------------------------------------------------------ results files
 
 
@@ -195,6 +206,13 @@ TABLES = (
             ("syncs per loop", "syncs_per_loop", _num("{}")),
             ("compile / capture", "setup_s", _num("{:.2f} s")),
         ),
+    ),
+    (
+        "cpu-walk",
+        "CPU, float32: whole set_timesteps-to-last-step walks of every preset, diffusers and fastdiff (backend "
+        "auto) timed side by side in interleaved rounds (per step)",
+        ("preset", "size", "dtype"),
+        (("median", "median_us", _us), ("IQR", "iqr_us", _us)),
     ),
     (
         "add_noise",

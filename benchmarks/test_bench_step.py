@@ -58,3 +58,35 @@ def test_step_bandwidth(measure, device, preset, noise, dtype, provider):
 def test_step_cpu(measure, device, preset, size, provider):
     case = build(bench.step_case, preset, bench.CPU_STEP_SIZES[size], bench.DTYPES["fp32"], device, provider)
     measure(case, rounds=10, warmup=2, kind="step", size=size, dtype="fp32", provider=provider)
+
+
+CPU_WALK_SIZES = [] if GPU_PLAN else sizes
+
+
+@pytest.mark.parametrize("size", CPU_WALK_SIZES)
+def test_cpu_walks_side_by_side(benchmark, record, size):
+    """Issue 11's "never slower on the CPU": every preset's whole walk, diffusers against fastdiff's backend
+    "auto", in interleaved rounds (bench.cpu_parity); pytest-benchmark times the whole comparison once."""
+    rows = []
+    rounds = int(os.environ.get("FASTDIFF_BENCH_CPU_ROUNDS", "5"))
+    benchmark.pedantic(
+        lambda: rows.extend(bench.cpu_parity({size: bench.CPU_STEP_SIZES[size]}, rounds=rounds)),
+        rounds=1,
+        iterations=1,
+    )
+    for r in rows:
+        for provider in ("diffusers", "fastdiff"):
+            record(
+                dict(
+                    kind="cpu-walk",
+                    preset=r["preset"],
+                    size=size,
+                    dtype="fp32",
+                    provider=provider,
+                    backend=r["backend"] if provider == "fastdiff" else None,
+                    median_us=r[f"{provider}_us"],
+                    iqr_us=r[f"{provider}_iqr_us"],
+                    rounds=r["rounds"],
+                    steps=r["steps"],
+                )
+            )

@@ -355,8 +355,9 @@ def cuda_ext_error() -> Optional[str]:
     return None
 
 
-def _noise_kwargs(noise: str, provider: str, device) -> dict:
-    if noise == "none":
+def _noise_kwargs(noise: str, provider: str, device, step=None) -> dict:
+    """The step's noise arguments; none for a ``step`` that takes no generator (diffusers' UniPC, PNDM)."""
+    if noise == "none" or (step is not None and "generator" not in inspect.signature(step).parameters):
         return {}
     if noise == "philox":
         if not provider.startswith("fastdiff"):
@@ -373,7 +374,7 @@ def step_case(preset: str, shape, dtype, device, provider: str, noise: str = "ge
     x = _randn(shape, dtype, device, 1)
     m = _randn(shape, dtype, device, 2)
     s, kw = make_scheduler(preset, provider)
-    kw.update(_noise_kwargs(noise, provider, device))
+    kw.update(_noise_kwargs(noise, provider, device, s.step))
     s.set_timesteps(steps, device=device)
     if hasattr(s, "scale_model_input"):  # diffusers' sigma schedulers warn on every step until this was called
         s.scale_model_input(x, s.timesteps[0])
@@ -448,7 +449,7 @@ def device_step_case(preset: str, shape, dtype, device, provider: str, noise: st
         raise Unavailable("the compiled step is timed in the latent-size walks")
     if hasattr(s, "step_index"):  # sigma-space and multistep samplers count their steps
         raise Unavailable(f"{type(s).__name__} keeps state between steps: time it as a walk (step_case)")
-    kw.update(_noise_kwargs(noise, provider, device))
+    kw.update(_noise_kwargs(noise, provider, device, s.step))
     s.set_timesteps(STEPS, device=device)
     t = s.timesteps[10]
     call = lambda: s.step(m, t, x, **kw)

@@ -92,12 +92,19 @@ def _select(requested: str, source: str, device: torch.device, dtypes: tuple, in
     return chosen
 
 
+def environment() -> tuple:
+    """The environment :func:`select` reads: (FASTDIFF_BACKEND, whether TRITON_INTERPRET=1). Schedulers take it
+    once per schedule (``set_timesteps``): two environment reads cost ~1-4 us, a whole small CPU step ~50 us."""
+    return os.environ.get("FASTDIFF_BACKEND"), _backend.interpret_mode()
+
+
 def select(
     requested: Optional[str],
     device,
     x_dtype: Optional[torch.dtype] = None,
     in_dtypes: Sequence = (),
     out_dtypes: Sequence = (),
+    env: Optional[tuple] = None,
 ) -> str:
     """The backend that runs a call: one of "cuda", "triton", "torch", "reference".
 
@@ -105,18 +112,19 @@ def select(
     CUDA extension, then Triton, then the torch evaluation on CUDA tensors; Triton (only under
     ``TRITON_INTERPRET=1``), then the torch evaluation on CPU tensors. With the dtypes of the call given, "cuda"
     becomes "triton" where the extension does not cover the mix (:func:`cuda_ext_covers`). Raises, saying why,
-    when the requested backend cannot run. Cached per (request, environment, device, dtypes), and logged at
-    DEBUG level the first time."""
+    when the requested backend cannot run. ``env``: :func:`environment` read earlier (default: read now).
+    Cached per (request, environment, device, dtypes), and logged at DEBUG level the first time."""
+    backend_var, interpret = env if env is not None else environment()
     source = "argument"
     if requested is None:
-        requested = os.environ.get("FASTDIFF_BACKEND", "auto") or "auto"
+        requested = backend_var or "auto"
         source = "FASTDIFF_BACKEND"
     return _select(
         requested,
         source,
         torch.device(device),
         (x_dtype, tuple(in_dtypes), tuple(out_dtypes)),
-        _backend.interpret_mode(),  # Triton's availability on CPU tensors depends on it
+        interpret,  # Triton's availability on CPU tensors depends on it
     )
 
 
@@ -248,16 +256,22 @@ def as_rows(t: Optional[Tensor]) -> Optional[Tensor]:
     return t.contiguous()
 
 
+@functools.cache
+def _eager():
+    """The torch evaluation module (imported once: a function-level import costs ~1 us per call)."""
+    from .kernels import eager
+
+    return eager
+
+
 def _run_fused_step(p: StepParams, backend: str) -> None:
     if p.sample.numel() == 0:
         return
+    if backend == "torch":  # any strides
+        return _eager().fused_step(p)
     for name, out in (("prev", p.prev), ("x0", p.x0), ("corr", p.corr)):
         if out is not None and not out.is_contiguous() and not _inner_contiguous(out):
             raise ValueError(f"`{name}` output must have contiguous samples, got strides {out.stride()}")
-    if backend == "torch":
-        from .kernels import eager
-
-        return eager.fused_step(p)
     p = dataclasses.replace(
         p,
         sample=as_rows(p.sample),
@@ -313,9 +327,7 @@ def _run_add_noise(sample, noise, table, index, seed, offset, out, stream: int, 
     if sample.numel() == 0:
         return
     if backend == "torch":
-        from .kernels import eager
-
-        return eager.add_noise(sample, noise, table, index, seed, offset, out, stream)
+        return _eager().add_noise(sample, noise, table, index, seed, offset, out, stream)
     sample, noise = as_rows(sample), as_rows(noise)
     if backend == "triton":
         from .kernels import add_noise as add_noise_kernels

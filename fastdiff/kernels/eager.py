@@ -6,10 +6,18 @@ term whose coefficient is zero costs nothing: a DDIM eta=0 step is five ops wher
 about a dozen. This is the CPU fast path ("auto" on CPU tensors without the Triton interpreter) and a
 second, independent implementation of the kernels' contract for the tests. On CUDA tensors it keeps the row
 on the device (reading it would sync) and evaluates every term.
+
+Host cost decides at small sizes (measured on this project's 2-core CPU at 2x4x16x16): ``torch.mul(t, c)``
+with a Python float costs ~9.5 us (the float is wrapped in a new tensor), with a 0-d view of the row ~4.5 us,
+and ``torch.add(a, b, alpha=c)`` ~5 us. So a sum of terms starts from a unit-coefficient term with
+``torch.add(..., alpha=)`` where it can, accumulates with ``add_(alpha=)``, and multiplies by row views.
+Reordering two terms is exact; with three or more the sum may round differently from the kernel's fixed
+order by an ulp.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -26,54 +34,84 @@ def _per_sample(v: Tensor, like: Tensor) -> Tensor:
     return v.reshape((-1,) + (1,) * (like.ndim - 1))
 
 
-def _is(c, value: float) -> bool:
-    """Whether a host coefficient is exactly ``value`` (a device coefficient never is: it is not read)."""
-    return isinstance(c, float) and c == value
+class _Row:
+    """One coefficient row: ``value(k)`` a Python float where the host knows it (None on CUDA, where reading
+    it would sync), ``scalar(k)`` a 0-d view of the row for multiplications."""
+
+    def __init__(self, p):
+        self.coef = p.coef.reshape(-1)
+        if p.coef_values is not None:
+            self.values = p.coef_values
+        elif self.coef.device.type == "cpu":
+            self.values = self.coef.tolist()
+        else:
+            self.values = None
+
+    def value(self, k: Optional[int]) -> Optional[float]:
+        if k is None:  # a literal 1, not from the row
+            return 1.0
+        return None if self.values is None else float(self.values[k])
+
+    def is_(self, k: Optional[int], v: float) -> bool:
+        c = self.value(k)
+        return c is not None and c == v
+
+    def scalar(self, k: int) -> Tensor:
+        return self.coef[k]
 
 
-def _combine(terms, out: Optional[Tensor] = None, reuse: bool = False) -> Tensor:
-    """sum(c * t) over the terms with c != 0 in as few ops as possible (``torch.add(t0, t1, alpha=c1)`` when
-    c0 == 1, then one ``add_(t, alpha=c)`` per further term), into ``out`` when given. ``c`` is a Python float
-    (host row) or a 1-element tensor (device row). ``reuse``: a single term with c == 1 may be returned as is
-    (the caller only reads it)."""
-    like = terms[0][1]
-    terms = [(c, t) for c, t in terms if not _is(c, 0.0)]
-    if not terms:
-        return out.zero_() if out is not None else torch.zeros_like(like)
-    (c0, t0), rest = terms[0], terms[1:]
-    if _is(c0, 1.0):
-        if not rest:
-            return t0 if reuse and out is None else (out.copy_(t0) if out is not None else t0.clone())
-        c1, t1 = rest[0]
-        if isinstance(c1, float):
-            acc = torch.add(t0, t1, alpha=c1, out=out) if out is not None else torch.add(t0, t1, alpha=c1)
-            rest = rest[1:]
+class _Sum:
+    """sum(coef[k] * operand) over the terms whose coefficient is not a host zero (k None: a literal 1), decided
+    once per row: which terms drop out and which one leads (a unit term, so that ``torch.add(a, b, alpha=c)``
+    folds a second term into the first op); ``run`` then only does the ops."""
+
+    __slots__ = ("lead", "lead_scale", "second", "rest")
+
+    def __init__(self, r: _Row, terms):
+        live = [(k, name) for k, name in terms if not r.is_(k, 0.0)]
+        unit = next((i for i, (k, _) in enumerate(live) if r.is_(k, 1.0)), None)
+        self.second = None
+        self.lead_scale = None
+        if not live:
+            self.lead, self.rest = None, []
+            return
+        if unit is not None:
+            live.insert(0, live.pop(unit))
+            if len(live) > 1 and r.value(live[1][0]) is not None:
+                self.second = (live[1][1], r.value(live[1][0]))
+                live.pop(1)
+        else:
+            self.lead_scale = r.scalar(live[0][0])
+        self.lead = live[0][1]
+        self.rest = [(name, r.value(k) if r.value(k) is not None else r.scalar(k)) for k, name in live[1:]]
+
+    def names(self) -> set:
+        """The operands this sum reads."""
+        return {n for n in (self.lead, self.second[0] if self.second else None) if n} | {n for n, _ in self.rest}
+
+    def run(self, env: dict, out: Optional[Tensor] = None, reuse: bool = False) -> Tensor:
+        if self.lead is None:
+            return out.zero_() if out is not None else torch.zeros_like(env["x"])
+        t0 = env[self.lead]
+        if self.lead_scale is not None:
+            acc = torch.mul(t0, self.lead_scale, out=out) if out is not None else torch.mul(t0, self.lead_scale)
+        elif self.second is not None:
+            name, alpha = self.second
+            acc = (
+                torch.add(t0, env[name], alpha=alpha, out=out)
+                if out is not None
+                else torch.add(t0, env[name], alpha=alpha)
+            )
+        elif not self.rest and reuse and out is None:
+            return t0
         else:
             acc = out.copy_(t0) if out is not None else t0.clone()
-    else:
-        acc = torch.mul(t0, c0, out=out) if out is not None else torch.mul(t0, c0)
-    for c, t in rest:
-        _axpy(acc, c, t)
-    return acc
-
-
-def _axpy(acc: Tensor, c, t: Tensor) -> None:
-    """acc += c * t in place (nothing for a host zero)."""
-    if isinstance(c, float):
-        if c != 0.0:
-            acc.add_(t, alpha=c)
-    else:
-        acc.addcmul_(t, c)
-
-
-def _row(p):
-    """The row's coefficients as Python floats (CPU, or given by the caller) or 1-element tensor views (CUDA:
-    reading the row would sync)."""
-    if p.coef_values is not None:
-        return p.coef_values
-    if p.coef.device.type == "cpu":
-        return [float(v) for v in p.coef.reshape(-1).tolist()]
-    return [p.coef[k : k + 1] for k in range(coefs.NCOEF)]
+        for name, c in self.rest:
+            if isinstance(c, float):
+                acc.add_(env[name], alpha=c)
+            else:
+                acc.addcmul_(env[name], c)
+        return acc
 
 
 def _f32(t: Tensor) -> Tensor:
@@ -85,72 +123,133 @@ def _buffer(out: Optional[Tensor], like: Tensor) -> Tensor:
     return out if out is not None and out.dtype == torch.float32 else torch.empty_like(like)
 
 
+# programs per coefficient row, then per call shape (flags); a row holds one program per combination of inputs
+# and outputs it is called with. Keyed by the row view's id with a weak reference that drops the entry when the
+# view dies (a schedule's row views live as long as its tables); not a WeakKeyDictionary, which compares keys
+# with ``==`` (elementwise on tensors).
+_PROGRAMS: dict = {}
+
+
+def _programs_for(coef: Tensor) -> dict:
+    key = id(coef)
+    entry = _PROGRAMS.get(key)
+    if entry is not None and entry[0]() is coef:
+        return entry[1]
+    programs: dict = {}
+    _PROGRAMS[key] = (weakref.ref(coef, lambda _ref, key=key: _PROGRAMS.pop(key, None)), programs)
+    return programs
+
+
 def fused_step(p) -> None:
     """Evaluate one ``fastdiff.ops.StepParams`` with torch ops (see ``fastdiff.coefs`` for the formula)."""
-    r = _row(p)
-    x = _f32(p.sample)
-    batch = x.shape[0]
-    m = _f32(p.model_output)
-    if p.guidance is not None:
-        m_u, m_c = m[:batch], m[batch:]
-        m = torch.addcmul(m_u, p.guidance.float(), m_c - m_u)
-    if p.mscale is not None:
-        m = m * _per_sample(p.mscale.float(), m)
+    flags = (
+        p.coef._version,  # an in-place change of the row makes a new program
+        int(p.noise_mode),
+        p.thresh is not None,
+        p.clip_range > 0,
+        p.x0 is not None,
+        p.prev is not None,
+        p.last is not None,
+        p.corr is not None,
+        len(p.hist),
+    )
+    programs = _programs_for(p.coef)
+    program = programs.get(flags)
+    if program is None:
+        program = programs[flags] = _Program(_Row(p), flags)
+    program.run(p)
 
-    z = None
-    if p.noise_mode == NoiseMode.TENSOR:
-        z = _f32(p.noise)
-    elif p.noise_mode == NoiseMode.PHILOX:
-        z = philox_normal(p.seed, x[0].numel(), p.offset, coefs.STREAM_STEP).reshape(x.shape)
-    xh = x if z is None else _combine([(1.0, x), (r[coefs.K_PRE], z)], reuse=True)
 
-    # x0 = X_S * (A_X * xh + A_M * m), then clipped or thresholded, in place
-    x0 = _combine([(r[coefs.A_X], xh), (r[coefs.A_M], m)], out=_buffer(p.x0, x))
-    if not _is(r[coefs.X_S], 1.0):
-        x0.mul_(r[coefs.X_S])
-    if p.thresh is not None:
-        s = _per_sample(p.thresh.float(), x0)
-        torch.minimum(x0, s, out=x0)
-        torch.maximum(x0, -s, out=x0)
-        x0.div_(s)
-    elif p.clip_range > 0:
-        x0.clamp_(-p.clip_range, p.clip_range)
-    if p.x0 is not None and p.x0 is not x0:
-        p.x0.copy_(x0)
-    hist = [_f32(h) for h in p.hist]
-    hk = (coefs.H_1, coefs.H_2, coefs.H_3)
-    if p.last is not None:  # the corrected sample, from the previous step's starting sample and the history
-        lk = (coefs.L_1, coefs.L_2, coefs.L_3)
-        terms = [(r[coefs.L_L], _f32(p.last)), (r[coefs.L_0], x0)] + [(r[k], h) for k, h in zip(lk, hist)]
-        xc = _combine(terms, out=_buffer(p.corr, x))
-    else:
-        xc = xh
-    if p.corr is not None and p.corr is not xc:
-        p.corr.copy_(xc)
-    if p.prev is None:
-        return
+class _Program:
+    """The step's formula for one row and one call shape, with every term that is a host zero dropped."""
 
-    # eps = E_S * (E_X * xh + E_M * m + E_0 * x0); prev = C_0 x0 + C_E eps + C_X xc + H_k h_k + std z
-    terms = [(r[coefs.C_0], x0), (r[coefs.C_X], xc)]
-    if not _is(r[coefs.C_E], 0.0):
-        eps = _combine([(r[coefs.E_X], xh), (r[coefs.E_M], m), (r[coefs.E_0], x0)], reuse=True)
-        if not _is(r[coefs.E_S], 1.0):
-            eps = eps * r[coefs.E_S]
-        terms.insert(1, (r[coefs.C_E], eps))
-    terms += [(r[k], h) for k, h in zip(hk, hist)]
-    prev = _combine(terms, out=_buffer(p.prev, x))
-    if z is not None:
-        if p.var_mode == VarMode.FIXED:
-            _axpy(prev, r[coefs.SIGMA], z)
+    def __init__(self, r: _Row, flags):
+        _, noise, thresh, clip, write_x0, want_prev, has_last, _, nhist = flags
+        self.r = r
+        hist = ("h1", "h2", "h3")[:nhist]
+        self.xh = _Sum(r, [(None, "x"), (coefs.K_PRE, "z")]) if noise != NoiseMode.NONE else None
+        self.x0 = _Sum(r, [(coefs.A_X, "xh"), (coefs.A_M, "m")])
+        self.x_s = None if r.is_(coefs.X_S, 1.0) else r.scalar(coefs.X_S)
+        corr = [(coefs.L_L, "last"), (coefs.L_0, "x0")] + list(zip((coefs.L_1, coefs.L_2, coefs.L_3), hist))
+        self.xc = _Sum(r, corr) if has_last else None
+        self.eps = None
+        if want_prev and not r.is_(coefs.C_E, 0.0):
+            self.eps = _Sum(r, [(coefs.E_X, "xh"), (coefs.E_M, "m"), (coefs.E_0, "x0")])
+        self.e_s = None if r.is_(coefs.E_S, 1.0) else r.scalar(coefs.E_S)
+        prev = [(coefs.C_0, "x0")] + ([(coefs.C_E, "eps")] if self.eps is not None else []) + [(coefs.C_X, "xc")]
+        self.prev = _Sum(r, prev + list(zip((coefs.H_1, coefs.H_2, coefs.H_3), hist)))
+        # x0 is computed when written, clipped (a thresholding pass), or read by the update or the corrector
+        readers = [self.prev] + [s for s in (self.eps, self.xc) if s is not None]
+        self.need_x0 = bool(write_x0 or thresh or clip or any("x0" in s.names() for s in readers))
+
+    def run(self, p) -> None:
+        r = self.r
+        x = _f32(p.sample)
+        batch = x.shape[0]
+        m = _f32(p.model_output)
+        if p.guidance is not None:
+            m_u, m_c = m[:batch], m[batch:]
+            m = torch.addcmul(m_u, p.guidance.float(), m_c - m_u)
+        if p.mscale is not None:
+            m = m * _per_sample(p.mscale.float(), m)
+        env = {"x": x, "m": m}
+        z = None
+        if p.noise_mode == NoiseMode.TENSOR:
+            z = _f32(p.noise)
+        elif p.noise_mode == NoiseMode.PHILOX:
+            z = philox_normal(p.seed, x[0].numel(), p.offset, coefs.STREAM_STEP).reshape(x.shape)
+        if z is not None:
+            env["z"] = z
+            env["xh"] = xh = self.xh.run(env, reuse=True)
         else:
-            v = _f32(p.var)
-            if p.var_mode == VarMode.LEARNED:
-                std = torch.sqrt(v) * r[coefs.SIGMA]
+            env["xh"] = xh = x
+        for name, h in zip(("h1", "h2", "h3"), p.hist):
+            env[name] = _f32(h)
+
+        if self.need_x0:  # x0 = X_S * (A_X * xh + A_M * m), then clipped or thresholded, in place
+            x0 = env["x0"] = self.x0.run(env, out=_buffer(p.x0, x))
+            if self.x_s is not None:
+                x0.mul_(self.x_s)
+            if p.thresh is not None:
+                s = _per_sample(p.thresh.float(), x0)
+                torch.minimum(x0, s, out=x0)
+                torch.maximum(x0, -s, out=x0)
+                x0.div_(s)
+            elif p.clip_range > 0:
+                x0.clamp_(-p.clip_range, p.clip_range)
+            if p.x0 is not None and p.x0 is not x0:
+                p.x0.copy_(x0)
+        if self.xc is not None:  # the corrected sample, from the previous step's starting sample and the history
+            env["last"] = _f32(p.last)
+            env["xc"] = xc = self.xc.run(env, out=_buffer(p.corr, x))
+        else:
+            env["xc"] = xc = xh
+        if p.corr is not None and p.corr is not xc:
+            p.corr.copy_(xc)
+        if p.prev is None:
+            return
+
+        # eps = E_S * (E_X * xh + E_M * m + E_0 * x0); prev = C_0 x0 + C_E eps + C_X xc + H_k h_k + std z
+        if self.eps is not None:
+            eps = self.eps.run(env, reuse=True)
+            env["eps"] = eps if self.e_s is None else torch.mul(eps, self.e_s)
+        prev = self.prev.run(env, out=_buffer(p.prev, x))
+        if z is not None:
+            if p.var_mode == VarMode.FIXED:
+                sigma = r.value(coefs.SIGMA)
+                if sigma is None:
+                    prev.addcmul_(z, r.scalar(coefs.SIGMA))
+                elif sigma != 0.0:
+                    prev.add_(z, alpha=sigma)
             else:
-                std = torch.exp(0.5 * (v * r[coefs.LV_A] + r[coefs.LV_B])) * r[coefs.SIGMA]
-            prev.addcmul_(std, z)
-    if p.prev is not prev:
-        p.prev.copy_(prev)
+                v = _f32(p.var)
+                if p.var_mode == VarMode.LEARNED:
+                    std = torch.sqrt(v) * r.scalar(coefs.SIGMA)
+                else:
+                    std = torch.exp(0.5 * (v * r.scalar(coefs.LV_A) + r.scalar(coefs.LV_B))) * r.scalar(coefs.SIGMA)
+                prev.addcmul_(std, z)
+        if p.prev is not prev:
+            p.prev.copy_(prev)
 
 
 def add_noise(x, noise, table, index, seed, offset, out, stream: int) -> None:
