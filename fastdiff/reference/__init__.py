@@ -9,6 +9,8 @@ from .ddim import ddim_step
 from .ddpm import ddpm_step, ddpm_variance
 from .dpmsolver import alpha_sigma, dpm_eps, dpm_update, dpm_x0
 from .euler import euler_ancestral_step, euler_step
+from .lcm import lcm_scalings, lcm_step
+from .pndm import plms_combine, pndm_transfer, prk_combine
 
 __all__ = [
     "add_noise",
@@ -23,6 +25,11 @@ __all__ = [
     "ddpm_step",
     "ddpm_variance",
     "get_velocity",
+    "lcm_scalings",
+    "lcm_step",
+    "plms_combine",
+    "pndm_transfer",
+    "prk_combine",
     "rescale_noise_cfg",
     "threshold_sample",
 ]
