@@ -40,6 +40,8 @@ SCHEDULERS = {
         ),
         {},
     ),
+    "plms": (lambda: fastdiff.PNDMScheduler(skip_prk_steps=True, prediction_type="v_prediction"), {}),
+    "lcm-clip": (lambda: fastdiff.LCMScheduler(clip_sample=True), {}),
     "sde-dpm-solver": (
         lambda: fastdiff.DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver", final_sigmas_type="sigma_min"),
         {},
