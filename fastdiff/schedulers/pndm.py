@@ -97,7 +97,9 @@ class PNDMScheduler(SchedulerBase):
     diffusers' arguments plus ``guidance_scale`` / ``guidance_rescale`` (a doubled batch guided inside the fused
     kernel; the guided output is what the history keeps) and accept ``generator`` / ``noise_seed`` for the
     common loop's sake (PNDM draws no noise). ``counter``, ``ets``, ``cur_sample`` and ``cur_model_output``
-    behave as diffusers' (see the module docstring for how they are stored).
+    behave as diffusers' and may be set by hand as diffusers' tests do; one difference: the tensors in ``ets``
+    and ``cur_sample`` are copies in static buffers that later steps reuse once they are dropped (diffusers keeps
+    the tensors passed in), so clone one to keep it.
     """
 
     order = 1
@@ -258,32 +260,36 @@ class PNDMScheduler(SchedulerBase):
 
     # ------------------------------------------------------------------ coefficients
 
-    def _transfer(self, t: int, prev_t: int) -> tuple:
-        """(c_s, c_m) with x' = c_s * S + c_m * M, eq. 9; the float32 scalars formed as diffusers forms them."""
-        a_t = self.alphas_cumprod[t]
-        a_p = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
+    def _transfer(self, t, prev_t) -> tuple:
+        """(c_s, c_m) float64 arrays with x' = c_s * S + c_m * M (eq. 9) for integer arrays ``t``, ``prev_t``;
+        the float32 quantities formed with diffusers' operations, one vectorized pass per table."""
+        acp = self.alphas_cumprod.cpu()
+        t, prev_t = torch.as_tensor(t, dtype=torch.int64), torch.as_tensor(prev_t, dtype=torch.int64)
+        a_t = acp[t]
+        a_p = torch.where(prev_t >= 0, acp[prev_t.clamp(min=0)], self.final_alpha_cumprod.cpu())
         b_t, b_p = 1 - a_t, 1 - a_p
-        c_s = float((a_p / a_t) ** 0.5)
+        c_s = ((a_p / a_t) ** 0.5).double()
         denom = a_t * b_p**0.5 + (a_t * b_t * a_p) ** 0.5
-        k = float(a_p - a_t) / float(denom)
+        k = (a_p - a_t).double() / denom.double()
         if self.config.prediction_type == "v_prediction":  # M = sqrt(abar_t) v + sqrt(1 - abar_t) S
-            return c_s - k * float(b_t**0.5), -k * float(a_t**0.5)
-        return c_s, -k
+            c_s, k = c_s - k * (b_t**0.5).double(), k * (a_t**0.5).double()
+        return c_s.numpy(), -k.numpy()
 
-    def _coef_row(self, key) -> np.ndarray:
-        """The row of a move: x0 := m (kept when the move stores it), C_X multiplies S (the sample, or the
-        corrector's starting sample cur_sample with L_L = 1), C_0 and H_k the weights of M."""
-        t, prev_t, w_m, w_hist = key
-        c_s, c_m = self._transfer(t, prev_t)
-        row = np.zeros(coefs.NCOEF)
-        row[coefs.X_S], row[coefs.A_M], row[coefs.L_L] = 1.0, 1.0, 1.0
-        row[coefs.C_X], row[coefs.C_0] = c_s, c_m * w_m
-        for k, w in zip((coefs.H_1, coefs.H_2, coefs.H_3), w_hist):
-            row[k] = c_m * w
-        return row
+    def _coef_rows(self, keys) -> np.ndarray:
+        """The rows of moves (their ``row_key``s): x0 := m (kept when the move stores it), C_X multiplies S (the
+        sample, or the corrector's starting sample cur_sample with L_L = 1), C_0 and H_k the weights of M."""
+        c_s, c_m = self._transfer([k[0] for k in keys], [k[1] for k in keys])
+        rows = np.zeros((len(keys), coefs.NCOEF))
+        rows[:, coefs.X_S], rows[:, coefs.A_M], rows[:, coefs.L_L] = 1.0, 1.0, 1.0
+        rows[:, coefs.C_X] = c_s
+        for r, (_, _, w_m, w_hist) in enumerate(keys):
+            rows[r, coefs.C_0] = c_m[r] * w_m
+            for k, w in zip((coefs.H_1, coefs.H_2, coefs.H_3), w_hist):
+                rows[r, k] = c_m[r] * w
+        return rows
 
     def _coef_table(self) -> np.ndarray:
-        return np.stack([self._coef_row(key) for key in self._row_index]) if self._row_index else np.zeros((0,))
+        return self._coef_rows(list(self._row_index))
 
     # ------------------------------------------------------------------ step
 
@@ -395,7 +401,8 @@ class PNDMScheduler(SchedulerBase):
 
     def _free_slot(self, move: _Move, shape, dtype, device) -> torch.Tensor:
         """The lowest static slot for (shape, dtype, device) that no kept output still uses after this step's
-        truncation: a function of the state alone, so a graph replay picks the same slots."""
+        truncation: a function of the state alone, so a graph replay picks the same slots. A PLMS loop uses 4
+        (3 kept outputs and this step's), a warm-up 5 (3 interval starts kept in ets, 2 midpoint stages)."""
         kept = self.ets[-3:] if move.ets_truncate else self.ets
         live = {id(t) for t in kept} | {id(t) for _, t in ([] if move.rk_reset else self._rk)}
         k = 0
@@ -412,7 +419,7 @@ class PNDMScheduler(SchedulerBase):
         """A move outside the normal loop (a timestep off the schedule, state set by hand): its own cached row."""
         return self._cached(
             ("row", key, torch.device(device)),
-            lambda: torch.from_numpy(self._coef_row(key).astype(np.float32)).to(device),
+            lambda: torch.from_numpy(self._coef_rows([key])[0].astype(np.float32)).to(device),
         )
 
     def _reference_step(self, plan, model_output, sample, noise, opts):
