@@ -356,6 +356,9 @@ def test_add_noise_matches_diffusers(backend):
     x, noise = torch.randn(3, 2, 5, 4), torch.randn(3, 2, 5, 4)
     t = torch.tensor([999, 500, 3])
     assert_rel(f.add_noise(x, noise, t), d.add_noise(x, noise, t), RTOL32, "add_noise")
+    philox = f.add_noise(x, None, t, noise_seed=[1, 2, 3])  # before set_timesteps, when timesteps is None
+    f.set_timesteps(10)
+    assert torch.equal(philox, f.add_noise(x, None, t, noise_seed=[1, 2, 3]))
 
 
 def test_errors_name_the_argument():

@@ -478,6 +478,11 @@ class PNDMScheduler(SchedulerBase):
         """q(x_t | x_0) at training timesteps, one launch; see ``DDPMScheduler.add_noise``."""
         return add_noise_train_timesteps(self, original_samples, noise, timesteps, noise_seed)
 
+    def _offset_tensor(self, i: int, device) -> torch.Tensor:
+        if self.timesteps is None:  # add_noise(noise_seed=...) before set_timesteps (timesteps is None, as diffusers')
+            return self._cached(("offset", i, torch.device(device)), lambda: torch.tensor([i], device=device))
+        return super()._offset_tensor(i, device)
+
 
 def _prk_timesteps(last: np.ndarray, half: int) -> np.ndarray:
     """The warm-up's timesteps, descending: for each of the last 4 intervals (t, t + half) ascending, the last
