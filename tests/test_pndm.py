@@ -309,7 +309,7 @@ def test_slots_are_a_function_of_the_call_count():
                 used.append(([e.data_ptr() for e in s.ets], s.cur_sample.data_ptr() if s.cur_sample is not None else 0))
             runs.append(used)
         assert runs[0] == runs[1]
-        assert len([k for k in s._device_cache if k[0][0] == "slot"]) == slots
+        assert len(s._device_cache[("slots", x.shape, x.dtype, x.device)]) == slots
 
 
 def test_one_fused_launch_per_step(monkeypatch):

@@ -163,6 +163,7 @@ class PNDMScheduler(SchedulerBase):
         schedule = np.concatenate([self.prk_timesteps, self.plms_timesteps]).astype(np.int64)
         self._set_schedule(schedule, device)
         self._row_index = self._normal_rows()
+        self._decided = {}
 
     def _reset_loop_state(self) -> None:
         # diffusers resets these in set_timesteps and keeps cur_sample
@@ -239,6 +240,18 @@ class PNDMScheduler(SchedulerBase):
         if formula == "ab4" and n < 4:
             raise IndexError(f"the 4th-order PLMS step needs 4 model outputs; `ets` holds {c.n_ets}")
         return _Move(t, prev_t, False, formula, operands[-4:], _PLMS_WEIGHTS[formula], **extra)
+
+    def _decide(self, kind: str, t: int) -> tuple:
+        """(move, its row key, its table row or None) for this call, memoized per schedule by (kind, counts,
+        timestep): a step of a loop pays one dict lookup instead of building its move (the step's Python is what a
+        launch-bound eager step at Stable Diffusion latent size spends its time on)."""
+        memo_key = (kind, self._counts(), t)
+        decided = self._decided.get(memo_key)
+        if decided is None:
+            move = self._move(kind, memo_key[1], t)
+            key = move.row_key()
+            decided = self._decided[memo_key] = (move, key, self._row_index.get(key))
+        return decided
 
     def _counts(self) -> _Counts:
         return _Counts(self.counter, len(self.ets), tuple(w for w, _ in self._rk), self.cur_sample is not None)
@@ -368,15 +381,16 @@ class PNDMScheduler(SchedulerBase):
 
     def _plan(self, i, timestep, model_output, sample, opts) -> StepPlan:
         check_choice("prediction_type", self.config.prediction_type, PNDM_PREDICTION_TYPES)
-        move = self._move(opts["kind"], self._counts(), integer_timestep(self._timestep_value(timestep)))
+        move, key, row = self._decide(opts["kind"], integer_timestep(self._timestep_value(timestep)))
         operands = [None if o == "m" else self._operand(o) for o in move.operands]
         hist = tuple(o for o in operands if o is not None)
         start = self.cur_sample if move.from_cur else None
         m_dtype = model_output.dtype
         slot = self._free_slot(move, sample.shape, m_dtype, sample.device) if move.stores else None
-        cur = self._buffer("cur_sample", sample.shape, sample.dtype, sample.device) if move.cur == "set" else None
-        key = move.row_key()
-        row = self._row_index.get(key)
+        cur = None
+        if move.cur == "set":
+            cur_key = ("cur_sample", sample.shape, sample.dtype, sample.device)
+            cur = self._cached(cur_key, lambda: torch.empty(sample.shape, dtype=sample.dtype, device=sample.device))
         fusable = len(hist) <= 3 and all(_like(t, sample) for t in hist + ((start,) if start is not None else ()))
         return StepPlan(
             i,
@@ -405,15 +419,12 @@ class PNDMScheduler(SchedulerBase):
         (3 kept outputs and this step's), a warm-up 5 (3 interval starts kept in ets, 2 midpoint stages)."""
         kept = self.ets[-3:] if move.ets_truncate else self.ets
         live = {id(t) for t in kept} | {id(t) for _, t in ([] if move.rk_reset else self._rk)}
-        k = 0
-        while id(buf := self._buffer(("slot", k), shape, dtype, device)) in live:
-            k += 1
-        return buf
-
-    def _buffer(self, name, shape, dtype, device) -> torch.Tensor:
-        """A static contiguous buffer, allocated once per schedule and (shape, dtype, device)."""
-        key = (name, tuple(shape), dtype, torch.device(device))
-        return self._cached(key, lambda: torch.empty(tuple(shape), dtype=dtype, device=device))
+        slots = self._cached(("slots", shape, dtype, device), list)
+        for buf in slots:
+            if id(buf) not in live:
+                return buf
+        slots.append(torch.empty(shape, dtype=dtype, device=device))
+        return slots[-1]
 
     def _custom_row(self, key, device) -> torch.Tensor:
         """A move outside the normal loop (a timestep off the schedule, state set by hand): its own cached row."""
