@@ -42,8 +42,41 @@ SCHEDULERS = {
     ),
     "plms": (lambda: fastdiff.PNDMScheduler(skip_prk_steps=True, prediction_type="v_prediction"), {}),
     "lcm-clip": (lambda: fastdiff.LCMScheduler(clip_sample=True), {}),
+    "unipc-wan": (
+        lambda: fastdiff.UniPCMultistepScheduler(
+            prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0
+        ),
+        {},
+    ),
+    "unipc-3-bh1-disable-corrector": (
+        lambda: fastdiff.UniPCMultistepScheduler(
+            solver_order=3, solver_type="bh1", final_sigmas_type="sigma_min", disable_corrector=[2]
+        ),
+        {},
+    ),
+    "unipc-eps": (
+        lambda: fastdiff.UniPCMultistepScheduler(
+            predict_x0=False, prediction_type="v_prediction", final_sigmas_type="sigma_min"
+        ),
+        {},
+    ),
+    "unipc-thresholding": (
+        lambda: fastdiff.UniPCMultistepScheduler(thresholding=True, prediction_type="v_prediction"),
+        {},
+    ),
     "sde-dpm-solver": (
         lambda: fastdiff.DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver", final_sigmas_type="sigma_min"),
+        {},
+    ),
+    "flow-euler-sde": (lambda: fastdiff.FlowMatchEulerDiscreteScheduler(stochastic_sampling=True, shift=3.0), {}),
+    "dpm++3m-sde-flow": (
+        lambda: fastdiff.DPMSolverMultistepScheduler(
+            algorithm_type="sde-dpmsolver++",
+            solver_order=3,
+            prediction_type="flow_prediction",
+            use_flow_sigmas=True,
+            flow_shift=3.0,
+        ),
         {},
     ),
 }

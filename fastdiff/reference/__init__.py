@@ -9,8 +9,10 @@ from .ddim import ddim_step
 from .ddpm import ddpm_step, ddpm_variance
 from .dpmsolver import alpha_sigma, dpm_eps, dpm_update, dpm_x0
 from .euler import euler_ancestral_step, euler_step
+from .flow_match import flow_match_euler_step, flow_match_euler_step_per_token, scale_noise
 from .lcm import lcm_scalings, lcm_step
 from .pndm import plms_combine, pndm_transfer, prk_combine
+from .unipc import unipc_alpha_sigma, unipc_convert, unipc_correct, unipc_predict
 
 __all__ = [
     "add_noise",
@@ -20,6 +22,9 @@ __all__ = [
     "dpm_x0",
     "euler_ancestral_step",
     "euler_step",
+    "flow_match_euler_step",
+    "flow_match_euler_step_per_token",
+    "scale_noise",
     "apply_guidance",
     "ddim_step",
     "ddpm_step",
@@ -32,4 +37,8 @@ __all__ = [
     "prk_combine",
     "rescale_noise_cfg",
     "threshold_sample",
+    "unipc_alpha_sigma",
+    "unipc_convert",
+    "unipc_correct",
+    "unipc_predict",
 ]

@@ -124,7 +124,7 @@ class SchedulerBase(ConfigMixin):
             if host is None:
                 host = self._coef_table(*key)
                 self._tables[(key, None)] = host
-            table = torch.from_numpy(host.astype(np.float32)).to(device)
+            table = to_device(torch.from_numpy(host.astype(np.float32)), device)
             self._tables[full_key] = table
         return table
 
@@ -156,7 +156,7 @@ class SchedulerBase(ConfigMixin):
             return value.to(device=device, dtype=torch.float32).reshape(1)
         return self._cached(
             ("scalar", float(value), torch.device(device)),
-            lambda: torch.tensor([float(value)], dtype=torch.float32, device=device),
+            lambda: to_device(torch.tensor([float(value)], dtype=torch.float32), device),
         )
 
     def _seed_tensor(self, seed, batch, device) -> torch.Tensor:
@@ -435,6 +435,16 @@ class StepPlan:
     thresholding: bool = False
     reference_only: bool = False
     state: dict = field(default_factory=dict)
+
+
+def to_device(host: torch.Tensor, device) -> torch.Tensor:
+    """``host`` on ``device`` without making the host wait: a copy from pinned memory is asynchronous, where one
+    from ordinary (pageable) memory blocks until the GPU has finished everything queued before it, a host
+    sync at the first step after each ``set_timesteps``."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def guidance_batch(model_output: torch.Tensor, guidance_scale) -> int:

@@ -51,7 +51,7 @@ class _EulerCommon(SigmaSchedulerBase):
             and self.timesteps.is_floating_point()
         ):
             raise ValueError(
-                "Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to `EulerDiscreteScheduler"
+                f"Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to `{type(self).__name__}"
                 ".step()` is not supported. Make sure to pass one of the `scheduler.timesteps` as a timestep."
             )
 
