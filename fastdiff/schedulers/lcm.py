@@ -246,7 +246,7 @@ class LCMScheduler(SigmaSchedulerBase):
             rows[:, coefs.C_X] = keep
         return rows
 
-    def _schedule_moves(self, i: int, t: int) -> tuple:
+    def _transition(self, i: int, t: int) -> tuple:
         """(t, prev_t, noisy) of step ``i`` taken at timestep ``t``: the next listed timestep (``t`` itself after
         the last), noise unless it is step num_inference_steps - 1."""
         ts = self._timestep_values
@@ -255,7 +255,7 @@ class LCMScheduler(SigmaSchedulerBase):
 
     def _coef_table(self) -> np.ndarray:
         ts = self._timestep_values
-        moves = [self._schedule_moves(i, int(t)) for i, t in enumerate(ts.tolist())]
+        moves = [self._transition(i, int(t)) for i, t in enumerate(ts.tolist())]
         return self._coef_rows(*(np.array(v) for v in zip(*moves))) if moves else np.zeros((0, coefs.NCOEF))
 
     # ------------------------------------------------------------------ step
@@ -296,7 +296,7 @@ class LCMScheduler(SigmaSchedulerBase):
 
     def _plan(self, i, timestep, model_output, sample, opts) -> StepPlan:
         t = integer_timestep(self._timestep_value(timestep))
-        t, prev_t, noisy = self._schedule_moves(i, t)
+        t, prev_t, noisy = self._transition(i, t)
         coef = None
         if t != self._timestep_values[i]:  # a timestep other than the step index's: diffusers uses it
             coef = self._cached(
