@@ -19,6 +19,7 @@ at pixel-space batch size is bandwidth-bound, so its rows also time the step on 
 
 from __future__ import annotations
 
+import inspect
 import platform
 import statistics
 import subprocess
@@ -282,6 +283,67 @@ def make_scheduler(preset: str, provider: str):
         if why:
             raise Unavailable(f"the CUDA extension fastdiff._C is not built or does not load: {why}")
     return p.cls.from_config(dict(p.config), backend=backend), dict(p.step_kwargs)
+
+
+def cpu_walk_case(preset: str, shape, provider: str, steps: int = 20, seed: int = 0) -> Case:
+    """A whole walk on the CPU in float32, ``set_timesteps`` to the last step, each step's output fed to the
+    next, fresh model outputs (drawn once); noise from a generator reseeded per walk, as diffusers draws it.
+    ``provider``: "diffusers", or "fastdiff" (backend "auto"). Per unit: one step."""
+    s, kw = make_scheduler(preset, provider)
+    x0 = _randn(shape, torch.float32, "cpu", seed + 1)
+    ms = [_randn(shape, torch.float32, "cpu", seed + 2 + i) for i in range(steps)]
+    takes_generator = "generator" in inspect.signature(s.step).parameters
+    scales = hasattr(s, "scale_model_input")
+    gen = torch.Generator().manual_seed(seed)
+
+    def walk():
+        gen.manual_seed(seed)
+        s.set_timesteps(steps)
+        x = x0
+        for t, m in zip(s.timesteps, ms):
+            x_in = s.scale_model_input(x, t) if scales else x  # diffusers' FlowMatchEuler has none
+            x = s.step(m, t, x_in, **kw, **({"generator": gen} if takes_generator else {}))[0]
+        return x
+
+    return Case(walk, units=steps, info={"preset": preset, "provider": provider})
+
+
+def cpu_parity(sizes: dict = CPU_STEP_SIZES, presets=None, steps: int = 20, rounds: int = 15, out=print) -> list:
+    """diffusers' step against fastdiff's (``backend="auto"``) on CPU tensors: for every preset and size, whole
+    walks timed side by side in interleaved rounds (:func:`time_interleaved`). Returns one row per (preset,
+    size): medians and interquartile spreads per step, and ``ratio`` = diffusers' median / fastdiff's."""
+    from . import ops
+    from .schedulers import PRESETS
+
+    rows = []
+    for size, shape in sizes.items():
+        for preset in presets or PRESETS:
+            try:
+                cases = {p: cpu_walk_case(preset, shape, p, steps) for p in ("diffusers", "fastdiff")}
+            except Unavailable as exc:
+                out(f"{size:16s} {preset:16s} skipped: {exc}")
+                continue
+            t = time_interleaved(cases, "cpu", warmup=2, rounds=rounds)
+            d, f = t["diffusers"], t["fastdiff"]
+            row = dict(
+                size=size,
+                preset=preset,
+                backend=ops.select(None, "cpu", torch.float32),
+                diffusers_us=d["median_s"] * 1e6,
+                diffusers_iqr_us=d["iqr_s"] * 1e6,
+                fastdiff_us=f["median_s"] * 1e6,
+                fastdiff_iqr_us=f["iqr_s"] * 1e6,
+                ratio=d["median_s"] / f["median_s"],
+                rounds=rounds,
+                steps=steps,
+            )
+            rows.append(row)
+            out(
+                f"{size:16s} {preset:16s} diffusers {row['diffusers_us']:8.1f} us/step "
+                f"(IQR {row['diffusers_iqr_us']:6.1f})  fastdiff[{row['backend']}] {row['fastdiff_us']:8.1f} "
+                f"(IQR {row['fastdiff_iqr_us']:6.1f})  diffusers/fastdiff {row['ratio']:.2f}"
+            )
+    return rows
 
 
 def cuda_ext_error() -> Optional[str]:

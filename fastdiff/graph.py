@@ -21,7 +21,17 @@ from typing import Optional
 import torch
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
 
-from .loop import as_fastdiff_scheduler, denoise, doubled_kwargs, initial_noise, model_device
+from .loop import (
+    adapter_for,
+    as_fastdiff_scheduler,
+    check_model_call,
+    denoise,
+    doubled_kwargs,
+    initial_noise,
+    model_device,
+    schedule_key,
+    set_schedule,
+)
 from .noise import as_seed_tensor
 
 logger = logging.getLogger("fastdiff")
@@ -97,7 +107,9 @@ class GraphSampler:
     static buffers and replay. The guidance scale lives in a device scalar, so changing it does not
     recapture. Noise is Philox, drawn in the kernels from per-sample seeds, so each replay with a new
     seed draws fresh noise. ``fallback="eager"`` runs the eager loop with a warning when the model
-    cannot be captured; the default ``"error"`` raises :class:`GraphCaptureError`.
+    cannot be captured; the default ``"error"`` raises :class:`GraphCaptureError`. ``adapter`` says how the
+    model is called (SD3, Flux and Wan transformers are recognised by class; see ``fastdiff.sample``), and
+    ``schedule_kwargs`` go to ``scheduler.set_timesteps`` (custom ``sigmas``, Flux's ``mu``).
     ``release()`` frees the graphs, their memory pool and the static buffers.
     """
 
@@ -116,6 +128,8 @@ class GraphSampler:
         max_graphs: int = 4,
         warmup: int = 1,
         backend: Optional[str] = None,
+        adapter=None,
+        schedule_kwargs: Optional[dict] = None,
     ):
         if int(max_graphs) < 1:
             raise ValueError(f"`max_graphs` must be at least 1, got {max_graphs!r}")
@@ -123,6 +137,8 @@ class GraphSampler:
             raise ValueError(f"`fallback` must be 'error' or 'eager', got {fallback!r}")
         if not callable(model):
             raise TypeError(f"`model` must be callable as model(x, t, **kwargs), got {type(model).__name__}")
+        self.adapter = adapter_for(model, adapter)
+        self.schedule_kwargs = dict(schedule_kwargs or {})
         self.model = model
         self.scheduler = as_fastdiff_scheduler(scheduler, backend)
         self.shape = tuple(int(s) for s in shape)
@@ -169,8 +185,9 @@ class GraphSampler:
             raise ValueError("`uncond_kwargs` is only used with a guidance scale")
         if self.device.type != "cuda":
             raise ValueError(f"GraphSampler needs a CUDA model, the model is on {self.device}")
+        check_model_call(self.adapter, self.model, shape, dict(model_kwargs or {}))
         call_kwargs = (
-            doubled_kwargs(dict(uncond_kwargs), dict(model_kwargs), shape[0])
+            doubled_kwargs(dict(uncond_kwargs), dict(model_kwargs), shape[0], self.adapter.shared)
             if g is not None
             else dict(model_kwargs or {})
         )
@@ -180,7 +197,7 @@ class GraphSampler:
             latents = latents.to(device=self.device, dtype=dtype)
         if self._eager_reason is not None:
             return self._eager(shape, dtype, steps, g, call_kwargs, seeds, latents)
-        key = (shape, dtype, steps, g is not None, _structure(call_kwargs))
+        key = (shape, dtype, steps, g is not None, _structure(call_kwargs), schedule_key(self.schedule_kwargs))
         entry = self._graphs.get(key)
         if entry is None:
             try:
@@ -216,7 +233,7 @@ class GraphSampler:
         """Allocate the static buffers and this graph's scheduler copy, with its timesteps set."""
         dev = self.device
         sched = copy.deepcopy(self.scheduler)
-        sched.set_timesteps(steps, device=dev)
+        set_schedule(sched, steps, dev, self.schedule_kwargs)
         return _Static(
             scheduler=sched,
             latents=torch.zeros(shape, device=dev, dtype=dtype),
@@ -244,6 +261,7 @@ class GraphSampler:
             cond_kwargs=st.kwargs,
             noise_seed=st.seeds,
             step_kwargs=self.step_kwargs,
+            adapter=self.adapter,
         )
 
     @staticmethod
@@ -340,7 +358,7 @@ class GraphSampler:
 
     def _eager(self, shape, dtype, steps, g, call_kwargs, seeds, latents):
         sched = self.scheduler
-        sched.set_timesteps(steps, device=self.device)
+        set_schedule(sched, steps, self.device, self.schedule_kwargs)
         if latents is None:
             latents = initial_noise(shape, dtype, self.device, seeds=seeds, backend=sched.backend)
         x = latents * sched.init_noise_sigma
@@ -353,6 +371,7 @@ class GraphSampler:
             cond_kwargs=call_kwargs,
             noise_seed=seeds,
             step_kwargs=self.step_kwargs,
+            adapter=self.adapter,
         )
 
 

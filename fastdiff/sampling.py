@@ -10,14 +10,16 @@ import torch
 
 from . import ops
 from .graph import GraphSampler
-from .loop import denoise, initial_noise, prepare
+from .loop import denoise, initial_noise, prepare, schedule_key, set_schedule
 from .progress import progress as progress_display
 
 _SAMPLERS: dict = {}
 _MAX_SAMPLERS = 4
 
 
-def _cached_sampler(model, scheduler, shape, dtype, steps, guidance_scale, guidance_rescale, step_kwargs):
+def _cached_sampler(
+    model, scheduler, shape, dtype, steps, guidance_scale, guidance_rescale, step_kwargs, adapter, schedule_kwargs
+):
     """GraphSamplers behind ``sample(graph=...)``, reused across calls for the same model, scheduler config
     and loop options (a capture costs about two eager loops). Each keeps its model alive; the oldest of more
     than four is released, and ``release_cached_samplers()`` frees them all."""
@@ -29,6 +31,8 @@ def _cached_sampler(model, scheduler, shape, dtype, steps, guidance_scale, guida
         guidance_scale is not None,
         float(guidance_rescale),
         tuple(sorted((step_kwargs or {}).items())),
+        adapter,
+        schedule_key(schedule_kwargs),
     )
     sampler = _SAMPLERS.get(key)
     if sampler is not None:  # its model is alive (the sampler holds it), so id(model) names it
@@ -43,6 +47,8 @@ def _cached_sampler(model, scheduler, shape, dtype, steps, guidance_scale, guida
         guidance_rescale=guidance_rescale,
         step_kwargs=step_kwargs,
         fallback="eager",
+        adapter=adapter,
+        schedule_kwargs=schedule_kwargs,
     )
     if len(_SAMPLERS) >= _MAX_SAMPLERS:
         _SAMPLERS.pop(next(iter(_SAMPLERS))).release()
@@ -77,6 +83,8 @@ def sample(
     dtype: Optional[torch.dtype] = None,
     device=None,
     backend: Optional[str] = None,
+    adapter=None,
+    schedule_kwargs: Optional[dict] = None,
 ) -> torch.Tensor:
     """Sample from ``model`` with ``scheduler``; returns the final sample (B, C, ...).
 
@@ -89,7 +97,15 @@ def sample(
     CUDA (Philox noise from ``seed``; a fresh seed when none is given) and runs eagerly elsewhere, or when a
     ``generator`` or ``callback`` is given (a graph has no per-step Python); True requires the graph; False
     runs eagerly. The graphs are kept for the next call (see ``release_cached_samplers``); a graph run
-    shows no per-step progress. ``step_kwargs`` go to every ``scheduler.step`` (e.g. ``eta``).
+    shows no per-step progress. ``step_kwargs`` go to every ``scheduler.step`` (e.g. ``eta``);
+    ``schedule_kwargs`` to ``scheduler.set_timesteps`` (custom ``sigmas``, Flux's ``mu``).
+
+    ``adapter`` says how the model is called ("auto" or None: from its class, see ``fastdiff.loop.adapter_for``):
+    diffusers' ``SD3Transformer2DModel`` (latents (B, C, H, W), ``model_kwargs`` ``encoder_hidden_states`` and
+    ``pooled_projections``), ``FluxTransformer2DModel`` (packed latents (B, sequence, C), ``txt_ids`` and
+    ``img_ids`` without a batch dimension, ``guidance`` for guidance-distilled models) and
+    ``WanTransformer3DModel`` (latents (B, C, F, H, W)) get their timestep by name, expanded to the batch;
+    anything else is called as ``model(x, t, **kwargs)``.
     """
     p = prepare(
         model,
@@ -105,6 +121,7 @@ def sample(
         dtype=dtype,
         device=device,
         backend=backend,
+        adapter=adapter,
     )
     if graph not in ("auto", True, False):
         raise ValueError(f"`graph` must be 'auto', True or False, got {graph!r}")
@@ -129,6 +146,8 @@ def sample(
             guidance_scale,
             guidance_rescale,
             step_kwargs,
+            p["adapter"],
+            schedule_kwargs,
         )
         return sampler(
             latents=latents,
@@ -141,7 +160,7 @@ def sample(
             num_inference_steps=num_inference_steps,
         )
     sched = p["scheduler"]
-    sched.set_timesteps(num_inference_steps, device=p["device"])
+    set_schedule(sched, num_inference_steps, p["device"], schedule_kwargs)
     backend_now = ops.select(sched.backend, p["device"], p["dtype"])
     if latents is None:
         latents = initial_noise(p["shape"], p["dtype"], p["device"], generator, p["seeds"], sched.backend)
@@ -162,6 +181,7 @@ def sample(
             step_kwargs=step_kwargs,
             progress=bar,
             callback=callback,
+            adapter=p["adapter"],
         )
     finally:
         bar.close()

@@ -9,6 +9,7 @@ every output class is a registered pytree node (``torch.utils._pytree`` flattens
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from dataclasses import dataclass, fields, is_dataclass
 from typing import Any, Optional
@@ -23,6 +24,13 @@ def _flatten(out):
 
 def _flatten_with_keys(out):
     return [(pytree.MappingKey(k), v) for k, v in out.items()], list(out.keys())
+
+
+@functools.cache
+def _field_names(cls) -> tuple:
+    """A dataclass's field names, read once per class (``dataclasses.fields`` costs microseconds per call, and an
+    output is built at every step)."""
+    return tuple(f.name for f in fields(cls))
 
 
 class BaseOutput(OrderedDict):
@@ -41,12 +49,13 @@ class BaseOutput(OrderedDict):
         )
 
     def __post_init__(self) -> None:
-        if not fields(self):
+        names = _field_names(type(self))
+        if not names:
             raise TypeError(f"{type(self).__name__} has no fields; an output class must declare at least one")
-        for f in fields(self):
-            value = getattr(self, f.name)
+        for name in names:
+            value = getattr(self, name)
             if value is not None:
-                self[f.name] = value
+                self[name] = value
 
     def _immutable(self, *args, **kwargs):
         raise TypeError(f"{type(self).__name__} entries cannot be removed or bulk-updated; set a field instead")
@@ -55,7 +64,7 @@ class BaseOutput(OrderedDict):
 
     def __getitem__(self, key: Any) -> Any:
         if isinstance(key, str):
-            return dict(self.items())[key]
+            return super().__getitem__(key)
         return self.to_tuple()[key]
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -76,7 +85,7 @@ class BaseOutput(OrderedDict):
 
     def to_tuple(self) -> tuple:
         """The non-None fields, in declaration order."""
-        return tuple(self[k] for k in self.keys())
+        return tuple(super().values())
 
 
 @dataclass

@@ -378,7 +378,8 @@ class DPMSolverMultistepScheduler(SigmaSchedulerBase):
         order = self._order_at(i, self.lower_order_nums)
         n = cfg.solver_order
         m = model_output[:, : sample.shape[1]] if model_output.shape[1] != sample.shape[1] else model_output
-        hist = self._history(sample.shape, m.dtype, sample.device)
+        dtype = self._converted_dtype(m, sample)
+        hist = self._history(sample.shape, dtype, sample.device)
         return StepPlan(
             i,
             row=(i, order - 1),
@@ -387,14 +388,23 @@ class DPMSolverMultistepScheduler(SigmaSchedulerBase):
             model_output=m,
             hist=tuple(hist[(self._taken - k) % n] for k in range(1, order)),
             x0_out=hist[self._taken % n],
-            out_dtype=m.dtype,
-            x0_dtype=m.dtype,
+            out_dtype=dtype,
+            x0_dtype=dtype,
             thresholding=cfg.thresholding,
             # thresholding acts on x0, while DPM-Solver's history holds eps: the kernel row cannot express
             # eps -> x0 -> threshold -> eps, so that rare combination runs the reference step
             reference_only=cfg.thresholding and self._noise_prediction,
             state={"order": order},
         )
+
+    def _converted_dtype(self, m: torch.Tensor, sample: torch.Tensor) -> torch.dtype:
+        """The dtype of diffusers' converted model output, which its history holds and its step returns: the
+        model output's own where the conversion is the model output itself (x0 from "sample", eps from
+        "epsilon"), else promoted with the sample's (a bf16 transformer on float32 latents gives float32)."""
+        pred = self.config.prediction_type
+        if pred == ("epsilon" if self._noise_prediction else "sample"):
+            return m.dtype
+        return torch.promote_types(m.dtype, sample.dtype)
 
     def _advance(self, plan) -> None:
         if self.lower_order_nums < self.config.solver_order:
@@ -435,7 +445,7 @@ class DPMSolverMultistepScheduler(SigmaSchedulerBase):
             noise=noise,
             flow=cfg.use_flow_sigmas,
         )
-        return prev.to(model_output.dtype), None
+        return prev.to(m.dtype), None
 
     def scale_model_input(self, sample: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return sample

@@ -35,9 +35,14 @@ class _EulerCommon(SigmaSchedulerBase):
     def scale_model_input(self, sample: torch.Tensor, timestep) -> torch.Tensor:
         """sample / sqrt(sigma^2 + 1): the VE sample rescaled to the model's unit-variance input."""
         i = self._locate(timestep)
-        sigma = torch.tensor(self._sigma_values[i])
         self.is_scale_input_called = True
-        return sample / ((sigma**2 + 1) ** 0.5)
+        return sample / self._cached(("input_scales",), self._input_scales)[i]
+
+    def _input_scales(self) -> list:
+        """sqrt(sigma^2 + 1) per step as Python floats, once per schedule, with torch's float32 ops as diffusers
+        forms it from its 0-d sigma (the same bits: torch's square root is not always correctly rounded, so
+        numpy's would differ by an ulp at some sigmas): one division per call instead of four tensor ops."""
+        return ((torch.from_numpy(self._sigma_values.astype(np.float32)) ** 2 + 1) ** 0.5).tolist()
 
     def _add_noise_rows(self) -> np.ndarray:
         rows = np.ones((len(self._sigma_values), 2))
