@@ -40,6 +40,8 @@ SCHEDULERS = {
         ),
         {},
     ),
+    "plms": (lambda: fastdiff.PNDMScheduler(skip_prk_steps=True, prediction_type="v_prediction"), {}),
+    "lcm-clip": (lambda: fastdiff.LCMScheduler(clip_sample=True), {}),
     "unipc-wan": (
         lambda: fastdiff.UniPCMultistepScheduler(
             prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0

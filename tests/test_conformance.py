@@ -376,7 +376,7 @@ def _step_pair(name: str, backend: str):
     for s in (ours, theirs):
         s.set_timesteps(10)
         t = s.timesteps[2]
-        # diffusers' UniPC step takes no generator (it draws no noise)
+        # diffusers' UniPC and PNDM steps take no generator (they draw no noise)
         takes_generator = "generator" in inspect.signature(s.step).parameters
 
         def kw():

@@ -255,3 +255,68 @@ def test_dpm_custom_timesteps_with_flow_sigmas_are_refused():
         diffusers.DPMSolverMultistepScheduler(**flow).set_timesteps(timesteps=[900, 500, 100])
     with pytest.raises(ValueError, match="custom `timesteps` cannot be combined with use_flow_sigmas"):
         fastdiff.DPMSolverMultistepScheduler(**flow).set_timesteps(timesteps=[900, 500, 100])
+
+
+def test_pndm_step_before_set_timesteps_asks_for_it():
+    x = torch.randn(1, 2, 3, 3)
+    with pytest.raises(TypeError):
+        diffusers.PNDMScheduler().step(x, 1, x)
+    with pytest.raises(ValueError, match="you need to run 'set_timesteps'"):
+        fastdiff.PNDMScheduler().step(x, 1, x)
+
+
+def test_pndm_warm_up_needs_four_intervals():
+    with pytest.raises(ValueError, match="broadcast"):
+        diffusers.PNDMScheduler().set_timesteps(3)
+    with pytest.raises(ValueError, match=r"`num_inference_steps`=3 is too few for the Runge-Kutta warm-up"):
+        fastdiff.PNDMScheduler().set_timesteps(3)
+
+
+def test_pndm_kept_outputs_are_static_buffers():
+    d, f = diffusers.PNDMScheduler(skip_prk_steps=True), fastdiff.PNDMScheduler(skip_prk_steps=True)
+    for s in (d, f):
+        s.set_timesteps(10)
+    x, m = torch.randn(1, 2, 3, 3), torch.randn(1, 2, 3, 3)
+    d.step(m, d.timesteps[0], x)
+    f.step(m, f.timesteps[0], x)
+    assert d.ets[0] is m and d.cur_sample is x
+    assert f.ets[0] is not m and torch.equal(f.ets[0], m) and torch.equal(f.cur_sample, x)
+
+
+def test_pndm_fourth_order_without_this_output_runs_the_reference_step():
+    sample = torch.rand(2, 3, 4, 4)
+    outs = []
+    for s in (diffusers.PNDMScheduler(), fastdiff.PNDMScheduler(backend="torch")):
+        s.set_timesteps(50)
+        s.ets = [0.1 * sample + k for k in (0.2, 0.15, 0.1, 0.05)]
+        s.step_prk(0.1 * sample, 0, sample)
+        outs.append(s.step_plms(0.1 * sample, 0, sample).prev_sample)
+    assert rel_err(outs[1], outs[0]) <= 1e-5
+    assert s.last_backend == "reference"
+
+
+@pytest.mark.parametrize("name", ["PNDMScheduler", "LCMScheduler"])
+def test_non_integer_timesteps_are_refused(name):
+    x = torch.randn(1, 2, 3, 3)
+    for lib, error in ((diffusers, IndexError), (fastdiff, ValueError)):
+        s = getattr(lib, name)()
+        s.set_timesteps(5)
+        with pytest.raises(error):
+            s.step(x, 900.5, x)
+
+
+def test_lcm_after_the_last_step_asks_for_set_timesteps():
+    x = torch.randn(1, 2, 3, 3)
+    d, f = diffusers.LCMScheduler(), fastdiff.LCMScheduler()
+    for s in (d, f):
+        s.set_timesteps(2)
+        for t in s.timesteps:
+            s.step(x, t, x)
+    d.step(x, d.timesteps[-1], x)  # diffusers goes on
+    with pytest.raises(ValueError, match="past the last of 2 inference steps; call set_timesteps again"):
+        f.step(x, f.timesteps[-1], x)
+    for lib, error in ((diffusers, IndexError), (fastdiff, ValueError)):
+        s = lib.LCMScheduler()
+        s.set_timesteps(2)
+        with pytest.raises(error):
+            s.step(x, 123, x)

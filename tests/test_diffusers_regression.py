@@ -94,6 +94,22 @@ DPM_BASE = dict(
     final_sigmas_type="sigma_min",
 )
 
+PNDM_BASE = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear")
+LCM_BASE = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    prediction_type="epsilon",
+)
+SD15_PNDM = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    skip_prk_steps=True,
+    steps_offset=1,
+)
 UNIPC_BASE = dict(
     num_train_timesteps=1000,
     beta_start=0.0001,
@@ -112,6 +128,9 @@ SRC_EULER = SRC + "test_scheduler_euler.py @18dcab7"
 SRC_EULER_NOISE = SRC + "test_scheduler_euler.py (..testing_utils version)"
 SRC_EULER_A = SRC + "test_scheduler_euler_ancestral.py @4004496"
 SRC_DPM = SRC + "test_scheduler_dpm_multi.py @9519ffc"
+SRC_PNDM = SRC + "test_scheduler_pndm.py @36acdd7"
+SRC_LCM = SRC + "test_scheduler_lcm.py @7aa6af1"
+COMPUTED_PNDM_LCM = "computed with diffusers 0.42.1; a loop diffusers' tests do not run"
 SRC_UNIPC = SRC + "test_scheduler_unipc.py @b530968"
 COMPUTED = "computed with diffusers 0.42.1; diffusers' test_solver_order_and_type only asserts no NaN"
 
@@ -126,6 +145,8 @@ class Case:
       "img2img"  add dummy_noise_deter at timesteps[t_start * order] and run the rest of the schedule
                  (diffusers' test_full_loop_with_noise; DDPM uses its default 1000-step schedule; flow matching
                  noises with scale_noise, its forward process).
+      "prk_plms" set_timesteps(steps), step_prk over prk_timesteps then step_plms over plms_timesteps (PNDM's
+                 full_loop).
     """
 
     id: str
@@ -524,6 +545,91 @@ CASES += [
     ),
 ]
 
+# ---- PNDM: 10 steps, the Runge-Kutta warm-up then PLMS through step_prk / step_plms (no generator: no noise);
+# and PLMS through step() as Stable Diffusion 1.5's pipeline runs it (computed)
+CASES += [
+    Case("pndm-no-noise", "PNDMScheduler", PNDM_BASE, "prk_plms", 0.2580, 198.1318, SRC_PNDM, generator=False),
+    Case(
+        "pndm-v-prediction",
+        "PNDMScheduler",
+        {**PNDM_BASE, "prediction_type": "v_prediction"},
+        "prk_plms",
+        0.0878,
+        67.3986,
+        SRC_PNDM,
+        generator=False,
+    ),
+    Case(
+        "pndm-set-alpha-to-one",
+        "PNDMScheduler",
+        {**PNDM_BASE, "set_alpha_to_one": True, "beta_start": 0.01},
+        "prk_plms",
+        0.2995,
+        230.0399,
+        SRC_PNDM,
+        generator=False,
+    ),
+    Case(
+        "pndm-no-set-alpha-to-one",
+        "PNDMScheduler",
+        {**PNDM_BASE, "set_alpha_to_one": False, "beta_start": 0.01},
+        "prk_plms",
+        0.2434,
+        186.9482,
+        SRC_PNDM,
+        generator=False,
+    ),
+    Case(
+        "pndm-step-warm-up",
+        "PNDMScheduler",
+        PNDM_BASE,
+        "sample",
+        0.257984,
+        198.1318,
+        COMPUTED_PNDM_LCM,
+        generator=False,
+    ),
+    Case("plms-sd15", "PNDMScheduler", SD15_PNDM, "sample", 0.262222, 201.3864, COMPUTED_PNDM_LCM, generator=False),
+    Case(
+        "plms-v-prediction",
+        "PNDMScheduler",
+        {**PNDM_BASE, "skip_prk_steps": True, "prediction_type": "v_prediction"},
+        "sample",
+        0.087702,
+        67.3553,
+        COMPUTED_PNDM_LCM,
+        generator=False,
+    ),
+]
+
+# ---- LCM: noise from the seeded generator at every step but the last; diffusers' tolerances are 1e-3
+CASES += [
+    Case("lcm-onestep", "LCMScheduler", LCM_BASE, "sample", 0.0244, 18.7097, SRC_LCM, steps=1, sum_tol=1e-3),
+    Case("lcm-multistep", "LCMScheduler", LCM_BASE, "sample", 0.2575, 197.7616, SRC_LCM, steps=10, sum_tol=1e-3),
+    Case(
+        "lcm-v-prediction",
+        "LCMScheduler",
+        {**LCM_BASE, "prediction_type": "v_prediction"},
+        "sample",
+        0.113607,
+        87.2500,
+        COMPUTED_PNDM_LCM,
+        steps=4,
+        sum_tol=1e-3,
+    ),
+    Case(
+        "lcm-clip-sample",
+        "LCMScheduler",
+        {**LCM_BASE, "clip_sample": True, "clip_sample_range": 0.5},
+        "sample",
+        0.230753,
+        177.2182,
+        COMPUTED_PNDM_LCM,
+        steps=4,
+        sum_tol=1e-3,
+    ),
+]
+
 # FlowMatchEulerDiscreteScheduler: diffusers 0.42 ships no test file for it (only unmerged pull requests add one),
 # so these full loops (dummy_sample_deter, the toy model at the float timesteps, the seeded generator) were recorded
 # with diffusers 0.42.1 for every knob, and are checked against it by test_regression_numbers_with_diffusers.
@@ -664,6 +770,7 @@ def run_loop(scheduler, case: Case) -> torch.Tensor:
     generator = _seeded_generator() if case.generator else None
     kwargs = {"generator": generator} if case.generator else {}
     sample = deterministic_sample()
+    step = scheduler.step
 
     if case.loop == "train":
         timesteps = list(reversed(range(scheduler.config.num_train_timesteps)))
@@ -677,20 +784,24 @@ def run_loop(scheduler, case: Case) -> torch.Tensor:
         if case.sigma_scheduler:
             sample = sample * scheduler.init_noise_sigma
         timesteps = scheduler.timesteps
+        if case.loop == "prk_plms":
+            for t in scheduler.prk_timesteps:
+                sample = scheduler.step_prk(toy_model(sample, t), t, sample).prev_sample
+            timesteps, step = scheduler.plms_timesteps, scheduler.step_plms
         if case.loop == "img2img":
             timesteps = timesteps[case.t_start * scheduler.order :]
             if hasattr(scheduler, "scale_noise"):  # flow matching's forward process (diffusers' class has no add_noise)
                 sample = scheduler.scale_noise(sample, timesteps[:1], deterministic_noise())
             else:
                 sample = scheduler.add_noise(sample, deterministic_noise(), timesteps[:1])
-        elif case.loop != "sample":
+        elif case.loop not in ("sample", "prk_plms"):
             raise AssertionError(f"unknown loop kind {case.loop!r}")
 
     for t in timesteps:
         if case.sigma_scheduler:
             sample = scheduler.scale_model_input(sample, t)
         residual = toy_model(sample, t)
-        sample = scheduler.step(residual, t, sample, *case.step_args, **kwargs).prev_sample
+        sample = step(residual, t, sample, *case.step_args, **kwargs).prev_sample
     return sample
 
 
@@ -718,6 +829,8 @@ REGRESSION_CLASSES = (
     "DPMSolverMultistepScheduler",
     "UniPCMultistepScheduler",
     "FlowMatchEulerDiscreteScheduler",
+    "PNDMScheduler",
+    "LCMScheduler",
 )
 
 

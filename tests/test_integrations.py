@@ -1,5 +1,7 @@
 """fastdiff.integrations.run_pipeline: the pipeline's output, with the loop run by fastdiff."""
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
@@ -100,26 +102,42 @@ class StubTextToImage:
         return pos, neg
 
     def reference(self, prompt, steps, guidance_scale, generator):
-        """The denoising loop as StableDiffusionPipeline.__call__ writes it."""
+        """The denoising loop as StableDiffusionPipeline.__call__ writes it, the step's generator included
+        (``prepare_extra_step_kwargs``: passed when the scheduler's ``step`` takes one)."""
         pos, neg = self.encode_prompt(prompt, self._execution_device, 1, True)
         embeds = torch.cat([neg, pos])
         self.scheduler.set_timesteps(steps, device=self._execution_device)
         latents = torch.randn((1, 4, 8, 8), generator=generator, device=self._execution_device)
         latents = latents * self.scheduler.init_noise_sigma
+        extra = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
         for t in self.scheduler.timesteps:
             inp = self.scheduler.scale_model_input(torch.cat([latents] * 2), t)
             noise_pred = self.unet(inp, t, encoder_hidden_states=embeds, return_dict=False)[0]
             u, c = noise_pred.chunk(2)
             noise_pred = u + guidance_scale * (c - u)
-            latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+            latents = self.scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
         image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
         return self.image_processor.postprocess(image, output_type="np", do_denormalize=[True])
 
 
+#: Stable Diffusion 1.5's scheduler config (tests/fixtures/scheduler_configs/sd15_pndm.json)
+SD15_PNDM = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1)
+
+
 @pytest.mark.parametrize("device,backend", BACKEND_CASES)
-def test_run_text_to_image_matches_the_pipeline_loop(device, backend):
+@pytest.mark.parametrize(
+    "scheduler",
+    [
+        lambda: diffusers.DPMSolverMultistepScheduler(),
+        lambda: diffusers.PNDMScheduler(**SD15_PNDM),
+        lambda: diffusers.LCMScheduler.from_config(diffusers.PNDMScheduler(**SD15_PNDM).config),
+    ],
+    ids=["dpm++", "sd15-pndm", "lcm"],
+)
+def test_run_text_to_image_matches_the_pipeline_loop(device, backend, scheduler):
     with torch.no_grad():
         pipe = StubTextToImage(device)
+        pipe.scheduler = scheduler()
         expected = pipe.reference("a cat", 8, 4.0, torch.Generator(device).manual_seed(2))
         got = integrations.run_pipeline(
             pipe,

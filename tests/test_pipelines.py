@@ -1,5 +1,9 @@
 """Swapping fastdiff's schedulers into diffusers' own pipelines gives the same images."""
 
+import functools
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -101,6 +105,63 @@ def test_sigma_schedulers_in_a_diffusers_pipeline(device, backend, scheduler):
     err = np.abs(images[1] - images[0]).max()
     assert err <= 2e-4, f"max |diff| {err:.3e}"
     assert images[0].std() > 0.05
+
+
+# ------------------------------------------------------------------ Stable Diffusion 1.5, scheduler switched
+
+#: the schedulers an SD 1.5 pipeline is switched to from its PNDM config; UniPC and others join when registered
+SD15_TARGETS = [
+    name
+    for name in (
+        "PNDMScheduler",
+        "EulerDiscreteScheduler",
+        "DPMSolverMultistepScheduler",
+        "UniPCMultistepScheduler",
+        "LCMScheduler",
+    )
+    if name in fastdiff.SCHEDULERS
+]
+
+
+SD15_CASES = [pytest.param(n, (), id=n) for n in SD15_TARGETS] + [
+    pytest.param("PNDMScheduler", (("skip_prk_steps", False),), id="PNDMScheduler-prk-warm-up")
+]
+
+
+@functools.cache
+def _sd15_stub(device):
+    from test_integrations import StubTextToImage
+
+    return StubTextToImage(device)
+
+
+@functools.cache
+def _sd15_images(device, target, overrides, backend=None):
+    """The SD 1.5 loop's images with its PNDM config switched to ``target`` (diffusers' class when ``backend`` is
+    None), 6 steps, guidance 7.5; cached so each backend's run is compared with one diffusers run."""
+    sd15 = json.loads((Path(__file__).parent / "fixtures" / "scheduler_configs" / "sd15_pndm.json").read_text())
+    config = diffusers.PNDMScheduler.from_config(sd15).config
+    lib, kw = (diffusers, {}) if backend is None else (fastdiff, {"backend": backend})
+    pipe = _sd15_stub(device)
+    pipe.scheduler = getattr(lib, target).from_config(config, **dict(overrides), **kw)
+    with torch.no_grad():
+        images = pipe.reference("a cat", 6, 7.5, torch.Generator(device).manual_seed(0))
+    return images, getattr(pipe.scheduler, "last_backend", None)
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+@pytest.mark.parametrize("target,overrides", SD15_CASES)
+def test_sd15_pipeline_switched_by_from_config(device, backend, target, overrides):
+    """A Stable Diffusion 1.5 text-to-image loop (tiny random UNet2DConditionModel and VAE, fixed prompt
+    embeddings; StableDiffusionPipeline itself needs transformers, see test_integrations.StubTextToImage) with its
+    PNDM config switched by ``from_config`` to a scheduler: fastdiff's class gives diffusers' class's images
+    within 2e-4."""
+    expected, _ = _sd15_images(device, target, overrides)
+    got, ran = _sd15_images(device, target, overrides, backend)
+    assert ran == backend
+    err = np.abs(got - expected).max()
+    assert err <= 2e-4, f"{target}: max |diff| {err:.3e}"
+    assert expected.std() > 0.01
 
 
 # ---------------------------------------------------------------------------------------------- SD3, Flux, Wan

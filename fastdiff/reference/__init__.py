@@ -10,6 +10,8 @@ from .ddpm import ddpm_step, ddpm_variance
 from .dpmsolver import alpha_sigma, dpm_eps, dpm_update, dpm_x0
 from .euler import euler_ancestral_step, euler_step
 from .flow_match import flow_match_euler_step, flow_match_euler_step_per_token, scale_noise
+from .lcm import lcm_scalings, lcm_step
+from .pndm import plms_combine, pndm_transfer, prk_combine
 from .unipc import unipc_alpha_sigma, unipc_convert, unipc_correct, unipc_predict
 
 __all__ = [
@@ -28,6 +30,11 @@ __all__ = [
     "ddpm_step",
     "ddpm_variance",
     "get_velocity",
+    "lcm_scalings",
+    "lcm_step",
+    "plms_combine",
+    "pndm_transfer",
+    "prk_combine",
     "rescale_noise_cfg",
     "threshold_sample",
     "unipc_alpha_sigma",
