@@ -10,13 +10,13 @@ import torch
 
 from . import ops
 from .graph import GraphSampler
-from .loop import denoise, initial_noise, prepare
+from .loop import check_finite_latents, denoise, initial_noise, nonfinite_counts, prepare, raise_if_nonfinite
 
 _SAMPLERS: dict = {}
 _MAX_SAMPLERS = 4
 
 
-def _cached_sampler(model, scheduler, shape, dtype, steps, guidance_scale, guidance_rescale, step_kwargs):
+def _cached_sampler(model, scheduler, shape, dtype, steps, guidance_scale, guidance_rescale, step_kwargs, check_finite):
     """GraphSamplers behind ``sample(graph=...)``, reused across calls for the same model, scheduler config
     and loop options (a capture costs about two eager loops). Each keeps its model alive; the oldest of more
     than four is released, and ``release_cached_samplers()`` frees them all."""
@@ -28,6 +28,7 @@ def _cached_sampler(model, scheduler, shape, dtype, steps, guidance_scale, guida
         guidance_scale is not None,
         float(guidance_rescale),
         tuple(sorted((step_kwargs or {}).items())),
+        check_finite,
     )
     sampler = _SAMPLERS.get(key)
     if sampler is not None:  # its model is alive (the sampler holds it), so id(model) names it
@@ -42,6 +43,7 @@ def _cached_sampler(model, scheduler, shape, dtype, steps, guidance_scale, guida
         guidance_rescale=guidance_rescale,
         step_kwargs=step_kwargs,
         fallback="eager",
+        check_finite=check_finite,
     )
     if len(_SAMPLERS) >= _MAX_SAMPLERS:
         _SAMPLERS.pop(next(iter(_SAMPLERS))).release()
@@ -76,8 +78,9 @@ def sample(
     dtype: Optional[torch.dtype] = None,
     device=None,
     backend: Optional[str] = None,
+    check_finite: bool = False,
 ) -> torch.Tensor:
-    """Sample from ``model`` with ``scheduler``; returns the final sample (B, C, ...).
+    """Sample from ``model`` with ``scheduler``; returns the final sample, shaped like ``shape``.
 
     model: ``model(x, t, **kwargs)`` returning a tensor (diffusers UNets' ``.sample`` is unwrapped); t
     arrives as a device tensor. Either ``shape`` (starting noise drawn from ``generator``, like diffusers'
@@ -89,6 +92,12 @@ def sample(
     ``generator`` or ``callback`` is given (a graph has no per-step Python); True requires the graph; False
     runs eagerly. The graphs are kept for the next call (see ``release_cached_samplers``); a graph run
     shows no per-step progress. ``step_kwargs`` go to every ``scheduler.step`` (e.g. ``eta``).
+
+    ``shape``/``latents``: 3 to 5 dimensions, batch first ((B, C, L) or packed (B, tokens, C), (B, C, H, W),
+    (B, C, F, H, W)); ``dtype``: float32, float16, bfloat16 or float64 (default: the model's). Every argument is
+    checked before the first model call; an error names the argument, the value and what was expected.
+    ``check_finite``: count NaN/inf in every step's model output and result on the device, and raise
+    ``FloatingPointError`` after the loop naming the first step that went non-finite (one host read).
     """
     p = prepare(
         model,
@@ -104,9 +113,18 @@ def sample(
         dtype=dtype,
         device=device,
         backend=backend,
+        guidance_rescale=guidance_rescale,
+        step_kwargs=step_kwargs,
     )
+    step_kwargs = p["step_kwargs"]
     if graph not in ("auto", True, False):
         raise ValueError(f"`graph` must be 'auto', True or False, got {graph!r}")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"`callback` must be callable as callback(i, t, latents), got {type(callback).__name__}")
+    if check_finite not in (True, False):
+        raise TypeError(f"`check_finite` must be True or False, got {check_finite!r}")
+    if check_finite and latents is not None:
+        check_finite_latents(latents)
     use_graph = graph is True or (
         graph == "auto" and p["device"].type == "cuda" and generator is None and callback is None
     )
@@ -128,6 +146,7 @@ def sample(
             guidance_scale,
             guidance_rescale,
             step_kwargs,
+            check_finite,
         )
         return sampler(
             latents=latents,
@@ -147,13 +166,14 @@ def sample(
     else:
         latents = latents.to(dtype=p["dtype"])
     latents = latents * sched.init_noise_sigma
+    counts = nonfinite_counts(len(sched.timesteps), p["device"]) if check_finite else None
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(sched.timesteps), desc=f"fastdiff [{backend_now}]", leave=False)
     try:
-        return denoise(
+        out = denoise(
             model,
             sched,
             latents,
@@ -165,7 +185,11 @@ def sample(
             step_kwargs=step_kwargs,
             progress=bar,
             callback=callback,
+            nonfinite=counts,
         )
     finally:
         if bar is not None:
             bar.close()
+    if counts is not None:
+        raise_if_nonfinite(counts, sched)
+    return out
