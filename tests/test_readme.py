@@ -75,6 +75,8 @@ def test_python_block_runs(block: Block, tmp_path, monkeypatch):
         pytest.skip(f"README.md:{block.line} needs a CUDA GPU (its first line says so); none here")
     setup = [b for b in PYTHON if b.section == block.section and b.is_setup and b.line < block.line]
     monkeypatch.chdir(tmp_path)  # files the examples write land here
+    # a user's environment: conftest's TRITON_INTERPRET=1 would make `auto` run the Triton interpreter on the CPU
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     namespace: dict = {"__name__": "__readme__"}
     for b in [*setup, block]:
         exec(compile(b.code, f"README.md:{b.line}", "exec"), namespace)
