@@ -25,7 +25,7 @@ from unittest import mock
 import pytest
 import torch
 from conftest import DEVICES, available_backends
-from helpers import assert_fp32, assert_lowp
+from helpers import assert_lowp, describe_diff, rel_err
 
 import fastdiff.schedulers._base as base
 from fastdiff.schedulers import SCHEDULERS
@@ -387,6 +387,23 @@ def _guided(m, g, rescale):
     uncond, cond = m.chunk(2)
     out = uncond + g * (cond - uncond)
     return rescale_noise_cfg(out, cond, guidance_rescale=rescale) if rescale else out
+
+
+def assert_fp32(actual, expected, truth_fn, rtol, what):
+    """fp32 agreement: within ``rtol`` relative of ``expected``, or at least as accurate against the float64
+    truth: error within ``rtol`` or within twice ``expected``'s own error. (``helpers.assert_fp32`` applies the
+    second branch only where ``expected`` is off the truth by more than ``rtol``; fuzzing finds steps where
+    both are within ``rtol`` of the truth and still differ by slightly more than ``rtol``, e.g. 1.008e-5 with
+    errors 4.7e-6 and 7.4e-6 against the truth.)"""
+    err = rel_err(actual, expected)
+    if err <= rtol:
+        return
+    truth = truth_fn()
+    err_fast, err_other = rel_err(actual, truth), rel_err(expected, truth)
+    assert err_fast <= max(rtol, 2 * err_other), (
+        f"{what}: relative error {err:.3e} > {rtol:.1e}; vs float64 truth: this {err_fast:.3e}, the other "
+        f"{err_other:.3e}; {describe_diff(actual, expected)}"
+    )
 
 
 def _step(s, m, t, x, step_kwargs, seed, device, guidance=None, rescale=0.0):
