@@ -27,6 +27,7 @@ from .loop import (
     check_dtype,
     check_finite_latents,
     check_guidance,
+    check_model_kwargs,
     check_shape,
     check_step_kwargs,
     check_steps,
@@ -212,11 +213,8 @@ class GraphSampler:
             raise ValueError("guidance needs `model_kwargs` and `uncond_kwargs`")
         if g is None and uncond_kwargs is not None:
             raise ValueError("`uncond_kwargs` is only used with a guidance scale")
-        for name, value in (("model_kwargs", model_kwargs), ("uncond_kwargs", uncond_kwargs)):
-            if value is not None and not isinstance(value, dict):
-                raise TypeError(
-                    f"`{name}` must be a dict of keyword arguments for the model, got {type(value).__name__}"
-                )
+        check_model_kwargs(model_kwargs, "model_kwargs")
+        check_model_kwargs(uncond_kwargs, "uncond_kwargs")
         if self.device.type != "cuda":
             raise ValueError(
                 f"GraphSampler needs a CUDA model, the model is on {self.device}; on a CPU, run the loop eagerly "

@@ -315,7 +315,7 @@ def check_step_kwargs(step_kwargs, scheduler) -> dict:
     return dict(step_kwargs)
 
 
-def _check_kwargs_dict(value, name: str) -> None:
+def check_model_kwargs(value, name: str) -> None:
     if value is not None and not isinstance(value, dict):
         raise TypeError(f"`{name}` must be a dict of keyword arguments for the model, got {type(value).__name__}")
 
@@ -363,8 +363,8 @@ def prepare(
         raise TypeError(f"`model` must be callable as model(x, t, **kwargs), got {type(model).__name__}")
     check_steps(num_inference_steps)
     check_guidance(guidance_scale, guidance_rescale)
-    _check_kwargs_dict(model_kwargs, "model_kwargs")
-    _check_kwargs_dict(uncond_kwargs, "uncond_kwargs")
+    check_model_kwargs(model_kwargs, "model_kwargs")
+    check_model_kwargs(uncond_kwargs, "uncond_kwargs")
     _check_generator(generator)
     if latents is not None:
         if not isinstance(latents, torch.Tensor) or not latents.is_floating_point():

@@ -43,17 +43,21 @@ def _no_tf32():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-# Grids that run every case again on the Triton interpreter (CPU tensors, TRITON_INTERPRET=1), which costs 10-100x
-# the torch evaluation per step: these four files spent 1,395 s of the suite's 2,719 s of test time there (51%;
-# --durations=0, -n 2, this 2-core machine, 2026-11-30). Marked `long`, they run in CI right after the README's
-# test command (.ci/run: -m long); the interpreted kernels stay in the README's command through test_ops,
-# test_philox, test_every_scheduler, test_sampling, test_pipelines, test_integrations and test_fuzz. With a GPU
+# Tests that run every case again on the Triton interpreter (CPU tensors, TRITON_INTERPRET=1), which costs 10-100x
+# the torch evaluation per step: the four grid files spent 1,395 s of the suite's 2,719 s of test time there (51%),
+# and the loops in test_sampling, test_pipelines and test_integrations another 75 s of the remaining 494 s (-n 2,
+# --durations=0, this 2-core machine, 2026-11-30). Marked `long`, they run in CI right after the README's test
+# command (.ci/run: -m long); the interpreted kernels stay in the README's command through test_ops,
+# test_philox, test_every_scheduler (a whole walk against diffusers on every backend) and test_fuzz. With a GPU
 # (compiled Triton, no interpreter) nothing is marked.
-LONG_INTERPRETED_GRIDS = {
+LONG_INTERPRETED = {
     "test_diffusers_regression.py",
     "test_step_equivalence.py",
     "test_sigma_schedulers.py",
     "test_capturable.py",
+    "test_sampling.py",
+    "test_pipelines.py",
+    "test_integrations.py",
 }
 
 
@@ -62,7 +66,7 @@ def pytest_collection_modifyitems(config, items):
         return
     for item in items:
         callspec = getattr(item, "callspec", None)
-        if item.path.name in LONG_INTERPRETED_GRIDS and callspec and callspec.params.get("backend") == "triton":
+        if item.path.name in LONG_INTERPRETED and callspec and callspec.params.get("backend") == "triton":
             item.add_marker(pytest.mark.long)
 
 
