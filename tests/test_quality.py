@@ -20,6 +20,7 @@ def _as_a_user_runs_it(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
 
 
+@pytest.mark.long  # fits the judge's classifier: 30 s on this 2-core machine
 def test_judge_is_calibrated():
     cal = quality.calibration()
     for way in ("8x8", "bilinear"):
