@@ -170,3 +170,14 @@ def test_wheel_outputs_are_ignored():
     paths = ["dist/fastdiff-0.0.0-py3-none-any.whl", "torch-2.13.0-cp311-none-any.whl", "build/lib/x.py"]
     out = subprocess.run(["git", "check-ignore", *paths], cwd=ROOT, capture_output=True, text=True)
     assert out.stdout.split() == paths, f"not ignored: {sorted(set(paths) - set(out.stdout.split()))}"
+
+
+def test_license_file_matches_the_declared_license():
+    """pyproject declares Apache-2.0; LICENSE holds that license's full text."""
+    declared = re.search(r'^license = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M)
+    text = (ROOT / "LICENSE").read_text()
+    assert declared and declared.group(1) == "Apache-2.0", declared
+    assert "Apache License" in text and "Version 2.0, January 2004" in text
+    for section in ("1. Definitions.", "2. Grant of Copyright License.", "8. Limitation of Liability."):
+        assert section in text, f"LICENSE lacks the section {section!r}"
+    assert text.count("\n") > 150, "LICENSE is not the full text"
