@@ -389,21 +389,43 @@ def _guided(m, g, rescale):
     return rescale_noise_cfg(out, cond, guidance_rescale=rescale) if rescale else out
 
 
-def assert_fp32(actual, expected, truth_fn, rtol, what):
+def assert_fp32(actual, expected, truth_fn, rtol, what, inputs=()):
     """fp32 agreement: within ``rtol`` relative of ``expected``, or at least as accurate against the float64
-    truth: error within ``rtol`` or within twice ``expected``'s own error. (``helpers.assert_fp32`` applies the
-    second branch only where ``expected`` is off the truth by more than ``rtol``; fuzzing finds steps where
-    both are within ``rtol`` of the truth and still differ by slightly more than ``rtol``, e.g. 1.008e-5 with
-    errors 4.7e-6 and 7.4e-6 against the truth.)"""
+    truth: error within ``rtol``, within twice ``expected``'s own error, or within 4 float32 ulps of the largest
+    input relative to the result (a step that cancels large inputs to a small result, such as Euler ancestral
+    from sigma = 4096 on a zero-terminal-SNR schedule, loses that much in any float32 implementation: on
+    (4, 4, 16, 16) diffusers errs 6.9-8.7e-5 there, fastdiff 5.2-7.2e-5; on two elements diffusers happened
+    to err 5.4e-6 and fastdiff 4.5e-5). ``helpers.assert_fp32`` applies the second branch only where
+    ``expected`` is off the truth by more than ``rtol``; fuzzing finds steps where both are within ``rtol`` of
+    the truth and still differ by slightly more (1.008e-5, with errors 4.7e-6 and 7.4e-6)."""
     err = rel_err(actual, expected)
     if err <= rtol:
         return
     truth = truth_fn()
     err_fast, err_other = rel_err(actual, truth), rel_err(expected, truth)
-    assert err_fast <= max(rtol, 2 * err_other), (
+    scale = truth.detach().abs().max().item()
+    big = max((t.detach().abs().max().item() for t in inputs), default=0.0)
+    floor = 4 * torch.finfo(torch.float32).eps * big / scale if scale > 0 else 0.0
+    assert err_fast <= max(rtol, 2 * err_other, floor), (
         f"{what}: relative error {err:.3e} > {rtol:.1e}; vs float64 truth: this {err_fast:.3e}, the other "
-        f"{err_other:.3e}; {describe_diff(actual, expected)}"
+        f"{err_other:.3e} (conditioning floor {floor:.1e}); {describe_diff(actual, expected)}"
     )
+
+
+def assert_lowp_finite(actual, plain, ref32, what):
+    """``helpers.assert_lowp`` (error against fp32 within twice plain PyTorch's), on the elements both results
+    hold; and the result may be non-finite only where plain PyTorch's is too, or where the fp32 value itself does
+    not fit the dtype. (At abar = 2.4e-9, the end of a cosine schedule, x0 is about 86,500: past float16's 65,504,
+    so diffusers' and the op-by-op reference's float16 results are inf or NaN there, and the fused kernels'
+    x0 output is inf too; their float32-computed prev_sample stays finite.)"""
+    fits = torch.isfinite(ref32) & (ref32.abs() <= torch.finfo(actual.dtype).max)
+    worse = ~torch.isfinite(actual) & torch.isfinite(plain) & fits
+    assert not worse.any(), f"{what}: {int(worse.sum())} non-finite values where plain PyTorch is finite"
+    both = torch.isfinite(actual) & torch.isfinite(plain) & fits
+    if both.all():
+        assert_lowp(actual, plain, ref32, what)
+    elif both.any():
+        assert_lowp(actual[both], plain[both], ref32[both], f"{what} (on the {int(both.sum())} finite values)")
 
 
 def _step(s, m, t, x, step_kwargs, seed, device, guidance=None, rescale=0.0):
@@ -468,10 +490,13 @@ def run_case(name, cfg, set_kwargs, step_kwargs, case, device, backends):
                     xs, ms = _laid_out(x, case["x_layout"]), _laid_out(m, case["m_layout"])
                     out = _step(s, ms, t_of(s), xs, step_kwargs, seed, device, guidance, case["guidance_rescale"])
                     assert out.prev_sample.dtype == plain.prev_sample.dtype, f"{what} [{b}]: prev_sample dtype"
-                    assert_lowp(out.prev_sample, plain.prev_sample, ref32.prev_sample, f"{what} [{b}] prev_sample")
+                    assert_lowp_finite(
+                        out.prev_sample, plain.prev_sample, ref32.prev_sample, f"{what} [{b}] prev_sample"
+                    )
                     if _x0(out) is not None and _x0(plain) is not None:
-                        assert_lowp(_x0(out), _x0(plain), _x0(ref32), f"{what} [{b}] pred_original_sample")
-            x = plain.prev_sample
+                        assert_lowp_finite(_x0(out), _x0(plain), _x0(ref32), f"{what} [{b}] pred_original_sample")
+            # plain PyTorch's trajectory; where it went non-finite, the fp32 one (so later steps still compare)
+            x = torch.where(torch.isfinite(plain.prev_sample), plain.prev_sample, ref32.prev_sample.to(x.dtype))
             continue
         noise: list = []
         outs = {}
@@ -501,9 +526,11 @@ def run_case(name, cfg, set_kwargs, step_kwargs, case, device, backends):
                     lambda: out_t.prev_sample,  # noqa: B023
                     RTOL32,
                     f"{what} [{b}] prev_sample vs {who}",
+                    inputs=(x,),
                 )
                 if _x0(out) is not None and _x0(exp) is not None:
-                    assert_fp32(_x0(out), _x0(exp), lambda: _x0(out_t), RTOL32, f"{what} [{b}] x0 vs {who}")  # noqa: B023
+                    x0_truth = lambda: _x0(out_t)  # noqa: B023, E731
+                    assert_fp32(_x0(out), _x0(exp), x0_truth, RTOL32, f"{what} [{b}] x0 vs {who}", inputs=(x,))
         x = (out_d if out_d is not None else outs["reference"]).prev_sample
 
 
