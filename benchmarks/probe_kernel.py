@@ -57,9 +57,8 @@ def main():
                 for mode in ("none", "philox"):
                     s = seed if mode == "philox" else None
                     o = off if mode == "philox" else None
-                    fn = lambda: ops._fused_step_impl(
-                        x, m, row, prev, x0, None, s, o, None, None, None, None, None, None, 1.0, 0, "triton"
-                    )
+                    params = ops.StepParams(x, m, row, prev=prev, x0=x0, seed=s, offset=o, clip_range=1.0)
+                    fn = lambda: ops.fused_step(params, "triton")
                     t = gpu_time(fn)
                     r = dict(
                         dtype=str(dtype),
@@ -79,37 +78,19 @@ def main():
     x = torch.randn(1, 4, 64, 64, device=dev, dtype=torch.float16)
     m = torch.randn_like(x)
     prev = torch.empty_like(x)
-    fn = lambda: ops._fused_step_impl(
-        x, m, row, prev, None, None, None, None, None, None, None, None, None, None, 1.0, 0, "triton"
-    )
+    params = ops.StepParams(x, m, row, prev=prev, clip_range=1.0)
+    fn = lambda: ops.fused_step(params, "triton")
     res["launch_impl_us"] = wall(fn) * 1e6
     grid = (triton.cdiv(x.numel(), 2048), 1)
     k = sk.fused_step_kernel
+    # the bare launch with the same arguments ops.fused_step passes (fastdiff/kernels/step.py's launch)
+    ptrs = [x, m, row, prev] + [row] * 13  # x0, z, seed, offset, g, thr, msc, v, h1, h2, h3, last, corr
+    strides = [16384, 16384, 0, 0, 0, 0, 0, 0, 16384, 0, 0]  # x, m, z, v, h1, h2, h3, last, prev, x0, corr
     direct = lambda: k[grid](
-        x,
-        m,
-        row,
-        prev,
-        row,
-        row,
-        row,
-        row,
-        row,
-        row,
-        row,
-        row,
-        row,
-        row,
+        *ptrs,
         x.numel(),
         1,
-        16384,
-        16384,
-        0,
-        0,
-        0,
-        0,
-        16384,
-        0,
+        *strides,
         1.0,
         NOISE=0,
         CFG=False,
@@ -118,8 +99,10 @@ def main():
         MSCALE=False,
         VAR_MODE=0,
         NHIST=0,
+        CORR=False,
         WRITE_PREV=True,
         WRITE_X0=False,
+        WRITE_CORR=False,
         BLOCK=2048,
         num_warps=8,
     )

@@ -1,33 +1,60 @@
-"""Scheduler step: fastdiff's fused step vs diffusers' step vs a torch.compile'd reference step."""
+"""Scheduler step: diffusers' step, fastdiff's fused step (CUDA extension and Triton) and diffusers' step under
+torch.compile, side by side. On a GPU: 50-step walks at latent size (host-bound: launches and syncs) for the
+headline schedulers, and the step's device-time bandwidth at pixel size, with and without in-kernel Philox
+noise. On the CPU (CI): walks of every registered preset against diffusers, backend "auto", fp32."""
+
+import os
 
 import pytest
-from conftest import CUDA
+from conftest import GPU_PLAN, build
 
-from fastdiff import _backend, bench
+from fastdiff import bench
+from fastdiff.schedulers import PRESETS
 
 pytest.importorskip("diffusers")
 
-if CUDA:
-    SIZES = list(bench.STEP_SIZES)
-    DTYPES = list(bench.DTYPES)
-    PROVIDERS = ["diffusers", "fastdiff", "fastdiff-philox"]
-    if _backend.cuda_ext_available():
-        PROVIDERS.append("fastdiff-triton")  # auto is the CUDA extension; show Triton beside it
-else:  # CPU subset for CI: reference vs diffusers at a tiny size, no speed claims
-    SIZES, DTYPES, PROVIDERS = ["cpu-tiny-1x4x16x16"], ["fp32"], ["diffusers", "fastdiff"]
-# torch.compile costs ~10-20 s per (scheduler, size, dtype): compare where the targets are set
-COMPILED = {
-    ("ddim-eta0", "latent-1x4x64x64", "fp16"),
-    ("ddpm", "latent-1x4x64x64", "fp16"),
-    ("ddim-eta0", "pixel-64x3x256x256", "fp16"),
-    ("ddim-eta0", "pixel-64x3x256x256", "fp32"),
-}
-CASES = [(s, size, dt, p) for s in bench.STEP_SCHEDULERS for size in SIZES for dt in DTYPES for p in PROVIDERS]
-CASES += [(s, size, dt, "torch-compile") for (s, size, dt) in sorted(COMPILED) if CUDA]
+if GPU_PLAN:
+    # fp16 first: the targets are set there; bf16 after
+    LATENT_CASES = [
+        (sched, dtype, provider)
+        for dtype in ("fp16", "bf16")
+        for sched in bench.HEADLINE_SCHEDULERS
+        for provider in ("diffusers", "fastdiff-triton", "fastdiff-cuda")
+    ]
+    # a compile costs ~10-30 s: one, where the target "faster than diffusers' step under torch.compile" is set
+    LATENT_CASES.append(("DDIMScheduler", "fp16", "diffusers-compile"))
+    BANDWIDTH_CASES = [
+        (preset, noise, dtype, provider)
+        for dtype in ("fp16", "fp32")
+        for preset, noise, providers in bench.BANDWIDTH_CASES
+        for provider in providers
+    ]
+    CPU_CASES = []
+else:
+    LATENT_CASES, BANDWIDTH_CASES = [], []
+    sizes = list(bench.CPU_STEP_SIZES)
+    if os.environ.get("FASTDIFF_BENCH_CPU_SIZES") != "all":
+        sizes = sizes[:1]
+    CPU_CASES = [
+        (preset, size, provider) for size in sizes for preset in PRESETS for provider in ("diffusers", "fastdiff")
+    ]
 
 
-@pytest.mark.parametrize("scheduler,size,dtype,provider", CASES)
-def test_step(measure, device, scheduler, size, dtype, provider):
-    shape = bench.STEP_SIZES.get(size, (1, 4, 16, 16))
-    case = bench.step_case(scheduler, shape, bench.DTYPES[dtype], device, provider)
-    measure(case, kind="step", scheduler=scheduler, size=size, dtype=dtype, provider=provider)
+@pytest.mark.parametrize("scheduler,dtype,provider", LATENT_CASES)
+def test_step_latent(measure, device, scheduler, dtype, provider):
+    preset = build(bench.headline_preset, scheduler)
+    case = build(bench.step_case, preset, bench.STEP_SIZES[bench.LATENT], bench.DTYPES[dtype], device, provider)
+    measure(case, rounds=20, warmup=3, kind="step", size=bench.LATENT, dtype=dtype, provider=provider)
+
+
+@pytest.mark.parametrize("preset,noise,dtype,provider", BANDWIDTH_CASES)
+def test_step_bandwidth(measure, device, preset, noise, dtype, provider):
+    shape = bench.STEP_SIZES[bench.PIXEL]
+    case = build(bench.device_step_case, preset, shape, bench.DTYPES[dtype], device, provider, noise)
+    measure(case, rounds=20, warmup=3, kind="bandwidth", size=bench.PIXEL, dtype=dtype, provider=provider)
+
+
+@pytest.mark.parametrize("preset,size,provider", CPU_CASES)
+def test_step_cpu(measure, device, preset, size, provider):
+    case = build(bench.step_case, preset, bench.CPU_STEP_SIZES[size], bench.DTYPES["fp32"], device, provider)
+    measure(case, rounds=10, warmup=2, kind="step", size=size, dtype="fp32", provider=provider)

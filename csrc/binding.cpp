@@ -43,7 +43,8 @@ void check_cuda(const Tensor& t, const char* name, const Tensor& x) {
 
 // `inputs` in StepInput order (fastdiff_kernels.h), the first three required.
 void fused_step_cuda(const c10::List<optional<Tensor>>& inputs, const optional<Tensor>& prev,
-                     const optional<Tensor>& x0, double clip_range, int64_t var_mode) {
+                     const optional<Tensor>& x0, const optional<Tensor>& corr, double clip_range,
+                     int64_t var_mode) {
   TORCH_CHECK(inputs.size() == fastdiff::N_STEP_INPUTS, "fastdiff::fused_step_cuda: expected ",
               static_cast<int>(fastdiff::N_STEP_INPUTS), " inputs, got ", inputs.size());
   auto in = [&](fastdiff::StepInput k) -> optional<Tensor> { return inputs.get(k); };
@@ -57,25 +58,30 @@ void fused_step_cuda(const c10::List<optional<Tensor>>& inputs, const optional<T
   const optional<Tensor> guidance = in(fastdiff::IN_GUIDANCE), thresh = in(fastdiff::IN_THRESH);
   const optional<Tensor> mscale = in(fastdiff::IN_MSCALE), v_in = in(fastdiff::IN_VAR);
   const optional<Tensor> h1_in = in(fastdiff::IN_HIST1), h2_in = in(fastdiff::IN_HIST2);
+  const optional<Tensor> h3_in = in(fastdiff::IN_HIST3), last_in = in(fastdiff::IN_LAST);
   check_cuda(x, "sample", x);
   const c10::cuda::CUDAGuard guard(x.device());
   const Tensor m = like_input(m_in, x);
-  optional<Tensor> z, v, h1, h2;
+  optional<Tensor> z, v, h1, h2, h3, last;
   if (z_in) z = like_input(*z_in, x);
   if (v_in) v = like_input(*v_in, x);
   if (h1_in) h1 = like_input(*h1_in, x);
   if (h2_in) h2 = like_input(*h2_in, x);
+  if (h3_in) h3 = like_input(*h3_in, x);
+  if (last_in) last = like_input(*last_in, x);
   TORCH_CHECK(coef.scalar_type() == at::kFloat && coef.numel() >= fastdiff::NCOEF && coef.is_contiguous(),
               "fastdiff CUDA ops: `coef` must be a contiguous float32 row of ", fastdiff::NCOEF, " coefficients");
-  TORCH_CHECK(prev.has_value() || x0.has_value(), "fastdiff CUDA ops: nothing to write");
-  const Tensor& out = prev.has_value() ? *prev : *x0;
+  TORCH_CHECK(prev.has_value() || x0.has_value() || corr.has_value(), "fastdiff CUDA ops: nothing to write");
+  const Tensor& out = prev.has_value() ? *prev : (x0.has_value() ? *x0 : *corr);
   for (const auto* t : {&coef, &m}) check_cuda(*t, "input", x);
   // a CPU tensor here would be read as a device pointer
   for (const optional<Tensor>* t : std::initializer_list<const optional<Tensor>*>{
-           &z, &seed, &offset, &guidance, &thresh, &mscale, &v, &h1, &h2, &prev, &x0}) {
+           &z, &seed, &offset, &guidance, &thresh, &mscale, &v, &h1, &h2, &h3, &last, &prev, &x0, &corr}) {
     if (t->has_value()) check_cuda(**t, "input", x);
   }
-  if (prev && x0) TORCH_CHECK(prev->scalar_type() == x0->scalar_type(), "`prev_out` and `x0_out` dtypes differ");
+  for (const optional<Tensor>* t : std::initializer_list<const optional<Tensor>*>{&prev, &x0, &corr}) {
+    if (t->has_value()) TORCH_CHECK((*t)->scalar_type() == out.scalar_type(), "fastdiff CUDA ops: outputs differ in dtype");
+  }
   if (seed) TORCH_CHECK(seed->scalar_type() == at::kLong && offset.has_value(), "`seed` must be int64 with `offset`");
   fastdiff::StepParams p{};
   p.x = x.data_ptr();
@@ -92,6 +98,9 @@ void fused_step_cuda(const c10::List<optional<Tensor>>& inputs, const optional<T
   p.v = ptr_or_null(v);
   p.h1 = ptr_or_null(h1);
   p.h2 = ptr_or_null(h2);
+  p.h3 = ptr_or_null(h3);
+  p.last = ptr_or_null(last);
+  p.corr = corr ? corr->data_ptr() : nullptr;
   p.batch = x.size(0);
   p.numel = p.batch ? x.numel() / p.batch : 0;
   p.half_batch = p.batch;
@@ -101,12 +110,15 @@ void fused_step_cuda(const c10::List<optional<Tensor>>& inputs, const optional<T
   p.v_sb = stride0(v);
   p.h1_sb = stride0(h1);
   p.h2_sb = stride0(h2);
+  p.h3_sb = stride0(h3);
+  p.last_sb = stride0(last);
+  p.corr_sb = stride0(corr);
   p.prev_sb = stride0(prev);
   p.x0_sb = stride0(x0);
   p.clip_range = static_cast<float>(clip_range);
   p.var_mode = static_cast<int>(var_mode);
   p.noise_mode = z ? fastdiff::NOISE_TENSOR : (seed ? fastdiff::NOISE_PHILOX : fastdiff::NOISE_NONE);
-  p.nhist = h1 ? (h2 ? 2 : 1) : 0;
+  p.nhist = h1 ? (h2 ? (h3 ? 3 : 2) : 1) : 0;
   p.in_dtype = dtype_code(x, "sample");
   p.out_dtype = dtype_code(out, "prev_out");
   const cudaError_t err = fastdiff::launch_fused_step(p, c10::cuda::getCurrentCUDAStream(x.device().index()));
@@ -149,7 +161,8 @@ void add_noise_cuda(const Tensor& x, const optional<Tensor>& z_in, const Tensor&
 
 TORCH_LIBRARY_FRAGMENT(fastdiff, m) {
   m.def(
-      "fused_step_cuda(Tensor?[] inputs, Tensor(a!)? prev, Tensor(b!)? x0, float clip_range, int var_mode) -> ()");
+      "fused_step_cuda(Tensor?[] inputs, Tensor(a!)? prev, Tensor(b!)? x0, Tensor(c!)? corr, float clip_range, "
+      "int var_mode) -> ()");
   m.def(
       "add_noise_cuda(Tensor x, Tensor? z, Tensor table, Tensor index, Tensor? seed, Tensor? offset, "
       "Tensor(a!) out, int stream_id) -> ()");

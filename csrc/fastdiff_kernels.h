@@ -12,7 +12,8 @@ enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 // Coefficient-row indices: must match fastdiff/coefs.py (a unit test parses this header to check).
 enum Coef : int {
   A_X = 0, A_M = 1, E_X = 2, E_M = 3, E_0 = 4, C_0 = 5, C_E = 6, C_X = 7, SIGMA = 8, K_PRE = 9,
-  H_1 = 10, H_2 = 11, LV_A = 12, LV_B = 13, X_S = 14, E_S = 15, NCOEF = 24
+  H_1 = 10, H_2 = 11, LV_A = 12, LV_B = 13, X_S = 14, E_S = 15, H_3 = 16, L_L = 17, L_0 = 18, L_1 = 19,
+  L_2 = 20, L_3 = 21, NCOEF = 24
 };
 enum VarMode : int { VAR_FIXED = 0, VAR_LEARNED = 1, VAR_LEARNED_RANGE = 2 };
 enum NoiseMode : int { NOISE_NONE = 0, NOISE_TENSOR = 1, NOISE_PHILOX = 2 };
@@ -20,11 +21,12 @@ enum NoiseMode : int { NOISE_NONE = 0, NOISE_TENSOR = 1, NOISE_PHILOX = 2 };
 // Order of the fused step's input list (Python: fastdiff.ops.StepParams.INPUTS; a unit test checks it).
 enum StepInput : int {
   IN_SAMPLE = 0, IN_MODEL_OUTPUT = 1, IN_COEF = 2, IN_NOISE = 3, IN_SEED = 4, IN_OFFSET = 5, IN_GUIDANCE = 6,
-  IN_THRESH = 7, IN_MSCALE = 8, IN_VAR = 9, IN_HIST1 = 10, IN_HIST2 = 11, N_STEP_INPUTS = 12
+  IN_THRESH = 7, IN_MSCALE = 8, IN_VAR = 9, IN_HIST1 = 10, IN_HIST2 = 11, IN_HIST3 = 12, IN_LAST = 13,
+  N_STEP_INPUTS = 14
 };
 
 struct StepParams {
-  // inputs: x, m, z, v, h1, h2 share `in_dtype`; prev and x0 share `out_dtype`
+  // inputs: x, m, z, v, h1, h2, h3, last share `in_dtype`; prev, x0 and corr share `out_dtype`
   const void* x;
   const void* m;         // B samples, or 2B (unconditional first) when cfg
   const float* coef;     // one row of NCOEF floats
@@ -39,8 +41,11 @@ struct StepParams {
   const void* v;         // learned variance
   const void* h1;
   const void* h2;
+  const void* h3;
+  const void* last;      // the previous step's starting sample: turns on the corrector row (L_*)
+  void* corr;            // may be null: the corrected sample (or xh without a corrector)
   int64_t batch, numel, half_batch;
-  int64_t x_sb, m_sb, z_sb, v_sb, h1_sb, h2_sb, prev_sb, x0_sb;  // batch strides, in elements
+  int64_t x_sb, m_sb, z_sb, v_sb, h1_sb, h2_sb, h3_sb, last_sb, prev_sb, x0_sb, corr_sb;  // batch strides
   float clip_range;      // > 0: clamp x0 to [-clip_range, clip_range]
   int var_mode, noise_mode, nhist;
   int in_dtype, out_dtype;

@@ -63,23 +63,48 @@ __global__ void __launch_bounds__(kThreads) fused_step_kernel(const StepParams p
     x0[k] = v;
   }
 
+  float h1[4] = {0.f, 0.f, 0.f, 0.f}, h2[4] = {0.f, 0.f, 0.f, 0.f}, h3[4] = {0.f, 0.f, 0.f, 0.f};
+  const bool need_hist = p.prev != nullptr || p.last != nullptr;
+  if (need_hist && p.nhist >= 1) load4(static_cast<const TI*>(p.h1) + b * p.h1_sb + j0, v4, valid, h1);
+  if (need_hist && p.nhist >= 2) load4(static_cast<const TI*>(p.h2) + b * p.h2_sb + j0, v4, valid, h2);
+  if (need_hist && p.nhist >= 3) load4(static_cast<const TI*>(p.h3) + b * p.h3_sb + j0, v4, valid, h3);
+  float xc[4];
+  if (p.last != nullptr) {  // the corrected sample, from the previous step's starting sample and the history
+    float l[4];
+    load4(static_cast<const TI*>(p.last) + b * p.last_sb + j0, v4, valid, l);
+    const float l_l = __ldg(cf + L_L), l_0 = __ldg(cf + L_0), l_1 = __ldg(cf + L_1), l_2 = __ldg(cf + L_2),
+                l_3 = __ldg(cf + L_3);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      float v = l_l * l[k] + l_0 * x0[k];
+      if (p.nhist >= 1) v += l_1 * h1[k];
+      if (p.nhist >= 2) v += l_2 * h2[k];
+      if (p.nhist >= 3) v += l_3 * h3[k];
+      xc[k] = v;
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) xc[k] = xh[k];
+  }
+  if (p.corr != nullptr) store4(static_cast<TO*>(p.corr) + b * p.corr_sb + j0, v4, valid, xc);
+
   if (p.prev != nullptr) {
     const float e_s = __ldg(cf + E_S), e_x = __ldg(cf + E_X), e_m = __ldg(cf + E_M), e_0 = __ldg(cf + E_0);
     const float c_0 = __ldg(cf + C_0), c_e = __ldg(cf + C_E), c_x = __ldg(cf + C_X);
     const float sigma = __ldg(cf + SIGMA);
-    float h1[4] = {0.f, 0.f, 0.f, 0.f}, h2[4] = {0.f, 0.f, 0.f, 0.f}, var[4] = {0.f, 0.f, 0.f, 0.f};
-    if (p.nhist >= 1) load4(static_cast<const TI*>(p.h1) + b * p.h1_sb + j0, v4, valid, h1);
-    if (p.nhist >= 2) load4(static_cast<const TI*>(p.h2) + b * p.h2_sb + j0, v4, valid, h2);
+    float var[4] = {0.f, 0.f, 0.f, 0.f};
     if (p.var_mode != VAR_FIXED && p.noise_mode != NOISE_NONE)
       load4(static_cast<const TI*>(p.v) + b * p.v_sb + j0, v4, valid, var);
-    const float w1 = __ldg(cf + H_1), w2 = __ldg(cf + H_2), lv_a = __ldg(cf + LV_A), lv_b = __ldg(cf + LV_B);
+    const float w1 = __ldg(cf + H_1), w2 = __ldg(cf + H_2), w3 = __ldg(cf + H_3);
+    const float lv_a = __ldg(cf + LV_A), lv_b = __ldg(cf + LV_B);
     float out[4];
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       const float eps = e_s * (e_x * xh[k] + e_m * m[k] + e_0 * x0[k]);
-      float prev = c_0 * x0[k] + c_e * eps + c_x * xh[k];
+      float prev = c_0 * x0[k] + c_e * eps + c_x * xc[k];
       if (p.nhist >= 1) prev += w1 * h1[k];
       if (p.nhist >= 2) prev += w2 * h2[k];
+      if (p.nhist >= 3) prev += w3 * h3[k];
       if (p.noise_mode != NOISE_NONE) {
         float std = sigma;
         if (p.var_mode == VAR_LEARNED) std = sigma * sqrtf(var[k]);
@@ -105,7 +130,9 @@ cudaError_t launch_typed(const StepParams& p, cudaStream_t stream) {
   const bool vec = aligned(p.x, p.x_sb, vi, sizeof(TI)) && aligned(p.m, p.m_sb, vi, sizeof(TI)) &&
                    aligned(p.z, p.z_sb, vi, sizeof(TI)) && aligned(p.v, p.v_sb, vi, sizeof(TI)) &&
                    aligned(p.h1, p.h1_sb, vi, sizeof(TI)) && aligned(p.h2, p.h2_sb, vi, sizeof(TI)) &&
+                   aligned(p.h3, p.h3_sb, vi, sizeof(TI)) && aligned(p.last, p.last_sb, vi, sizeof(TI)) &&
                    aligned(p.prev, p.prev_sb, vo, sizeof(TO)) && aligned(p.x0, p.x0_sb, vo, sizeof(TO)) &&
+                   aligned(p.corr, p.corr_sb, vo, sizeof(TO)) &&
                    (p.guidance == nullptr || (p.half_batch * p.m_sb * static_cast<int64_t>(sizeof(TI))) % vi == 0);
   const dim3 grid(static_cast<unsigned>((groups + kThreads - 1) / kThreads), static_cast<unsigned>(p.batch));
   fused_step_kernel<TI, TO><<<grid, kThreads, 0, stream>>>(p, vec);

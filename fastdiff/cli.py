@@ -87,10 +87,12 @@ def bench_cmd(args) -> int:
 # The cosine schedule reaches sigma ~ 2e4 at t = 999, where the unclipped sigma-space samplers fall apart
 # (digits model, 100 samples, 20-30 steps, fastdiff and diffusers alike: mean top-class probability 0.41-0.43);
 # diffusers' remedies: DPM-Solver's lambda_min_clipped=-5.1 (0.945) and Euler from t=980, "leading" (0.95).
+# UniPC (200 samples): linspace 0.416 at 10 steps, 0.419 at 20; "leading" (from t=900 / 940) 0.931 and 0.938.
 COSINE_OVERRIDES = {
     "EulerDiscreteScheduler": {"timestep_spacing": "leading"},
     "EulerAncestralDiscreteScheduler": {"timestep_spacing": "leading"},
     "DPMSolverMultistepScheduler": {"lambda_min_clipped": -5.1},
+    "UniPCMultistepScheduler": {"timestep_spacing": "leading"},
 }
 
 # `fastdiff sample` runs at most this many pixels (batch x height x width) per batch when --batch-size is not

@@ -1,16 +1,20 @@
 """Layout of one row of a per-step coefficient table: the contract between schedulers and kernels.
 
-Every first-order update of DDPM, DDIM, Euler, Euler ancestral and DPM-Solver++ (and the
-multistep corrections of DPM-Solver++) is, per element, with ``z`` the step's Gaussian noise
-and ``m`` the (guided) model output::
+Every update of DDPM, DDIM, Euler, Euler ancestral, DPM-Solver(++) and the multistep
+predictor-correctors is, per element, with ``z`` the step's Gaussian noise and ``m`` the (guided) model
+output::
 
     xh   = x + K_PRE * z                                   # Euler "churn" noise, before the update
-    x0   = X_S * (A_X * xh + A_M * m)                      # predicted original sample
+    x0   = X_S * (A_X * xh + A_M * m)                      # the converted model output (x0, or eps)
     x0   = clamp(x0, -r, r)  or  clamp(x0, -s_b, s_b) / s_b  # clip_sample / dynamic thresholding
+    xc   = L_L * l + L_0 * x0 + L_1 * h_1 + L_2 * h_2 + L_3 * h_3   # corrector, when ``l`` is given
+    xc   = xh                                              # otherwise
     eps  = E_S * (E_X * xh + E_M * m + E_0 * x0)           # predicted noise
-    prev = C_0 * x0 + C_E * eps + C_X * xh + H_1 * h_1 + H_2 * h_2 + std * z
+    prev = C_0 * x0 + C_E * eps + C_X * xc + H_1 * h_1 + H_2 * h_2 + H_3 * h_3 + std * z
 
-where ``h_1, h_2`` are the x0 predictions of the previous steps (multistep solvers) and ``std`` is
+where ``h_1, h_2, h_3`` are the converted model outputs of the previous steps (multistep solvers), ``l``
+the sample the previous step started from (UniPC's corrector, PNDM's Runge-Kutta and PLMS warm-up), ``xc``
+may be written out (the next step's ``l``), and ``std`` is
 ``SIGMA`` (fixed variances), ``SIGMA * sqrt(v)`` (DDPM ``learned``) or
 ``SIGMA * exp(0.5 * (LV_A * v + LV_B))`` (DDPM ``learned_range``), ``v`` being the variance half of
 the model output. The separate scales X_S and E_S keep the float32 rounding of diffusers' own
@@ -29,7 +33,9 @@ SIGMA, K_PRE = 8, 9
 H_1, H_2 = 10, 11
 LV_A, LV_B = 12, 13
 X_S, E_S = 14, 15
-NCOEF = 24  # eight spare slots for later samplers; a row is 96 bytes
+H_3 = 16
+L_L, L_0, L_1, L_2, L_3 = 17, 18, 19, 20, 21
+NCOEF = 24  # two spare slots for later samplers; a row is 96 bytes
 
 NAMES = (
     "A_X",
@@ -48,6 +54,12 @@ NAMES = (
     "LV_B",
     "X_S",
     "E_S",
+    "H_3",
+    "L_L",
+    "L_0",
+    "L_1",
+    "L_2",
+    "L_3",
 )
 
 

@@ -22,11 +22,13 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
 
 from .loop import (
+    adapter_for,
     as_fastdiff_scheduler,
     check_device,
     check_dtype,
     check_finite_latents,
     check_guidance,
+    check_model_call,
     check_model_kwargs,
     check_shape,
     check_step_kwargs,
@@ -37,6 +39,8 @@ from .loop import (
     model_device,
     nonfinite_counts,
     raise_if_nonfinite,
+    schedule_key,
+    set_schedule,
 )
 from .noise import as_seed_tensor
 
@@ -114,7 +118,9 @@ class GraphSampler:
     static buffers and replay. The guidance scale lives in a device scalar, so changing it does not
     recapture. Noise is Philox, drawn in the kernels from per-sample seeds, so each replay with a new
     seed draws fresh noise. ``fallback="eager"`` runs the eager loop with a warning when the model
-    cannot be captured; the default ``"error"`` raises :class:`GraphCaptureError`.
+    cannot be captured; the default ``"error"`` raises :class:`GraphCaptureError`. ``adapter`` says how the
+    model is called (SD3, Flux and Wan transformers are recognised by class; see ``fastdiff.sample``), and
+    ``schedule_kwargs`` go to ``scheduler.set_timesteps`` (custom ``sigmas``, Flux's ``mu``).
     ``release()`` frees the graphs, their memory pool and the static buffers.
 
     Needs a CUDA GPU (the model's device, or ``device``); ``shape`` and ``dtype`` follow ``fastdiff.sample``'s
@@ -138,6 +144,8 @@ class GraphSampler:
         max_graphs: int = 4,
         warmup: int = 1,
         backend: Optional[str] = None,
+        adapter=None,
+        schedule_kwargs: Optional[dict] = None,
         check_finite: bool = False,
     ):
         if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 1:
@@ -151,6 +159,8 @@ class GraphSampler:
         if not callable(model):
             raise TypeError(f"`model` must be callable as model(x, t, **kwargs), got {type(model).__name__}")
         check_guidance(guidance_scale, guidance_rescale)
+        self.adapter = adapter_for(model, adapter)
+        self.schedule_kwargs = dict(schedule_kwargs or {})
         self.model = model
         self.scheduler = as_fastdiff_scheduler(scheduler, backend)
         self.shape = check_shape(shape)
@@ -220,10 +230,11 @@ class GraphSampler:
                 f"GraphSampler needs a CUDA model, the model is on {self.device}; on a CPU, run the loop eagerly "
                 "with fastdiff.sample(model, scheduler, shape=...)"
             )
+        check_model_call(self.adapter, self.model, shape, dict(model_kwargs or {}))
         if self.check_finite and latents is not None:
             check_finite_latents(latents)
         call_kwargs = (
-            doubled_kwargs(dict(uncond_kwargs), dict(model_kwargs), shape[0])
+            doubled_kwargs(dict(uncond_kwargs), dict(model_kwargs), shape[0], self.adapter.shared)
             if g is not None
             else dict(model_kwargs or {})
         )
@@ -233,7 +244,7 @@ class GraphSampler:
             latents = latents.to(device=self.device, dtype=dtype)
         if self._eager_reason is not None:
             return self._eager(shape, dtype, steps, g, call_kwargs, seeds, latents)
-        key = (shape, dtype, steps, g is not None, _structure(call_kwargs))
+        key = (shape, dtype, steps, g is not None, _structure(call_kwargs), schedule_key(self.schedule_kwargs))
         entry = self._graphs.get(key)
         if entry is None:
             try:
@@ -271,7 +282,7 @@ class GraphSampler:
         """Allocate the static buffers and this graph's scheduler copy, with its timesteps set."""
         dev = self.device
         sched = copy.deepcopy(self.scheduler)
-        sched.set_timesteps(steps, device=dev)
+        set_schedule(sched, steps, dev, self.schedule_kwargs)
         return _Static(
             scheduler=sched,
             latents=torch.zeros(shape, device=dev, dtype=dtype),
@@ -300,6 +311,7 @@ class GraphSampler:
             cond_kwargs=st.kwargs,
             noise_seed=st.seeds,
             step_kwargs=self.step_kwargs,
+            adapter=self.adapter,
             nonfinite=st.nonfinite,
         )
 
@@ -397,7 +409,7 @@ class GraphSampler:
 
     def _eager(self, shape, dtype, steps, g, call_kwargs, seeds, latents):
         sched = self.scheduler
-        sched.set_timesteps(steps, device=self.device)
+        set_schedule(sched, steps, self.device, self.schedule_kwargs)
         if latents is None:
             latents = initial_noise(shape, dtype, self.device, seeds=seeds, backend=sched.backend)
         x = latents * sched.init_noise_sigma
@@ -411,6 +423,7 @@ class GraphSampler:
             cond_kwargs=call_kwargs,
             noise_seed=seeds,
             step_kwargs=self.step_kwargs,
+            adapter=self.adapter,
             nonfinite=counts,
         )
         if counts is not None:

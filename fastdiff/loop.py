@@ -14,6 +14,7 @@ import math
 import numbers
 import operator
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -23,11 +24,29 @@ from .noise import as_seed_tensor, philox_normal, randn_tensor
 from .schedulers import SCHEDULERS
 from .schedulers._base import SchedulerBase
 
+# ---------------------------------------------------------------------------------------------- model adapters
 
-def call_model(model, x: torch.Tensor, t: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    """Run ``model(x, t, **kwargs)`` and return a tensor: a diffusers UNet's ``.sample`` or a tuple's first
-    element is unwrapped."""
-    out = model(x, t, **kwargs)
+
+@dataclass(frozen=True)
+class Adapter:
+    """How the loop calls one family of denoisers.
+
+    ``call(model, x, t, kwargs)`` returns the model output, a tensor shaped like ``x`` (the model input: the
+    latents, doubled under guidance), for ``t`` a 0-d device timestep from ``scheduler.timesteps``; no host
+    reads, so a CUDA graph can capture it. ``ndim``: the rank of the latents the model takes (None: any);
+    ``channel_dim``: where ``model.config.in_channels`` is (None: not checked); ``required``: conditioning the
+    model cannot run without; ``shared``: conditioning without a batch dimension (Flux's ``txt_ids`` and
+    ``img_ids``), given once to the doubled batch instead of being concatenated."""
+
+    name: str
+    call: Callable
+    ndim: Optional[int] = None
+    channel_dim: Optional[int] = None
+    required: tuple = ()
+    shared: tuple = ()
+
+
+def _unwrap(out) -> torch.Tensor:
     if isinstance(out, torch.Tensor):
         return out
     if hasattr(out, "sample"):
@@ -39,11 +58,166 @@ def call_model(model, x: torch.Tensor, t: torch.Tensor, kwargs: dict) -> torch.T
     )
 
 
-def doubled_kwargs(uncond_kwargs: dict, model_kwargs: dict, batch: int) -> dict:
+def _call_positional(model, x, t, kwargs):
+    """UNets and any callable: ``model(x, t, **kwargs)``, t the scheduler's 0-d timestep as is."""
+    return _unwrap(model(x, t, **kwargs))
+
+
+def _call_sd3(model, x, t, kwargs):
+    """SD3Transformer2DModel: ``timestep`` is t (sigma * 1000) expanded to the batch, as SD3's pipeline does."""
+    x = x.to(model_dtype(model, x.dtype))
+    return _unwrap(model(hidden_states=x, timestep=t.expand(x.shape[0]), return_dict=False, **kwargs))
+
+
+def _call_flux(model, x, t, kwargs):
+    """FluxTransformer2DModel on packed latents (B, sequence, channels): ``timestep`` is t / 1000 in the latents'
+    dtype (Flux's pipeline); a number ``guidance`` (guidance-distilled models) becomes a float32 (B,) tensor."""
+    x = x.to(model_dtype(model, x.dtype))
+    guidance = kwargs.get("guidance")
+    if guidance is not None and not isinstance(guidance, torch.Tensor):
+        # a fill, not a host-to-device copy: capturable, and the number is part of the graph's key
+        kwargs = {**kwargs, "guidance": torch.full((x.shape[0],), float(guidance), device=x.device)}
+    timestep = t.expand(x.shape[0]).to(x.dtype) / 1000
+    return _unwrap(model(hidden_states=x, timestep=timestep, return_dict=False, **kwargs))
+
+
+def _call_wan(model, x, t, kwargs):
+    """WanTransformer3DModel on 5-D latents (B, C, F, H, W), cast to the model's dtype as Wan's pipeline does
+    (its latents stay float32); ``timestep`` is t expanded to the batch."""
+    x = x.to(model_dtype(model, x.dtype))
+    return _unwrap(model(hidden_states=x, timestep=t.expand(x.shape[0]), return_dict=False, **kwargs))
+
+
+ADAPTERS = {
+    "unet": Adapter("unet", _call_positional),
+    "sd3": Adapter("sd3", _call_sd3, ndim=4, channel_dim=1, required=("encoder_hidden_states", "pooled_projections")),
+    "flux": Adapter(
+        "flux",
+        _call_flux,
+        ndim=3,
+        channel_dim=2,
+        required=("encoder_hidden_states", "pooled_projections", "txt_ids", "img_ids"),
+        shared=("txt_ids", "img_ids"),
+    ),
+    "wan": Adapter("wan", _call_wan, ndim=5, channel_dim=1, required=("encoder_hidden_states",)),
+}
+# diffusers' class names (a subclass counts): their forward takes `hidden_states` first and `timestep` by name
+_FAMILIES = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux", "WanTransformer3DModel": "wan"}
+_TIMESTEP_NAMES = ("t", "ts", "timestep", "timesteps", "time", "sigma", "sigmas", "noise_level")
+
+
+def adapter_for(model, adapter=None) -> Adapter:
+    """The adapter for ``model``: ``adapter`` when given (a name in ``ADAPTERS`` or an ``Adapter``), else chosen
+    from the model's class (also under ``torch.compile``): SD3, Flux and Wan transformers by name, anything
+    else called as ``model(x, t, **kwargs)``. A diffusers model whose forward does not take the timestep second
+    (another transformer family) raises here, before any work."""
+    if isinstance(adapter, Adapter):
+        return adapter
+    if adapter is not None and adapter != "auto":
+        if adapter not in ADAPTERS:
+            raise ValueError(f"`adapter` must be 'auto', one of {sorted(ADAPTERS)} or an Adapter, got {adapter!r}")
+        return ADAPTERS[adapter]
+    if not callable(model):
+        raise TypeError(f"`model` must be callable as model(x, t, **kwargs), got {type(model).__name__}")
+    inner = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
+    for cls in type(inner).__mro__:
+        if cls.__name__ in _FAMILIES:
+            return ADAPTERS[_FAMILIES[cls.__name__]]
+    second = _second_parameter(inner)
+    if type(inner).__module__.startswith("diffusers.") and second is not None and second not in _TIMESTEP_NAMES:
+        raise TypeError(
+            f"fastdiff cannot adapt `model` ({type(inner).__name__}): its forward takes `{second}` second, not the "
+            f"timestep; fastdiff calls UNet-style models as model(x, t, **kwargs) and has adapters for "
+            f"{sorted(_FAMILIES)}. Wrap it in a callable model(x, t, **kwargs) that calls it."
+        )
+    return ADAPTERS["unet"]
+
+
+def _second_parameter(model) -> Optional[str]:
+    fn = model.forward if isinstance(model, torch.nn.Module) else model
+    try:
+        params = [
+            p
+            for p in inspect.signature(fn).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+    except (TypeError, ValueError):  # builtins and some C callables have no signature
+        return None
+    return params[1].name if len(params) > 1 else None
+
+
+def check_model_call(adapter: Adapter, model, shape: tuple, kwargs: dict) -> None:
+    """Check, before any work, that ``adapter`` can call ``model`` on latents of ``shape`` with conditioning
+    ``kwargs`` (the rank and channels the model takes, the conditioning it needs); raises saying what differs."""
+    config = getattr(getattr(model, "_orig_mod", model), "config", None)
+    name = type(getattr(model, "_orig_mod", model)).__name__
+    if adapter.ndim is not None and len(shape) != adapter.ndim:
+        layout = {3: "(batch, sequence, channels), packed", 4: "(batch, channels, height, width)"}.get(
+            adapter.ndim, "(batch, channels, frames, height, width)"
+        )
+        raise ValueError(f"{name} takes {adapter.ndim}-D latents {layout}; got `shape` {tuple(shape)}")
+    channels = getattr(config, "in_channels", None)
+    if adapter.channel_dim is not None and isinstance(channels, int) and shape[adapter.channel_dim] != channels:
+        raise ValueError(
+            f"{name} has in_channels={channels}; got latents of shape {tuple(shape)} with {shape[adapter.channel_dim]} "
+            f"in dimension {adapter.channel_dim}"
+        )
+    missing = [k for k in adapter.required if kwargs.get(k) is None]
+    if missing:
+        raise ValueError(f"{name} needs `model_kwargs` {missing}; got keys {sorted(kwargs)}")
+    if adapter.name == "flux":
+        embeds = bool(getattr(config, "guidance_embeds", False))
+        if embeds != (kwargs.get("guidance") is not None):
+            raise ValueError(
+                f"{name} has guidance_embeds={embeds}: "
+                + (
+                    "pass `model_kwargs['guidance']` (the distilled guidance scale, a number or a (batch,) tensor)"
+                    if embeds
+                    else "it takes no `guidance` (use true CFG: `guidance_scale` with `uncond_kwargs`)"
+                )
+            )
+
+
+def call_model(model, x: torch.Tensor, t: torch.Tensor, kwargs: dict, adapter: Optional[Adapter] = None):
+    """The model output for input ``x`` at timestep ``t`` (a tensor like ``x``), through ``adapter`` (the
+    UNet-style ``model(x, t, **kwargs)`` by default)."""
+    return (adapter or ADAPTERS["unet"]).call(model, x, t, kwargs)
+
+
+def doubled_kwargs(uncond_kwargs: dict, model_kwargs: dict, batch: int, shared: tuple = ()) -> dict:
     """The model kwargs for one call on the (unconditional, conditional) doubled batch: tensors whose
     first dimension is the batch are concatenated (unconditional first), also inside nested dicts, lists
-    and tuples (SDXL's ``added_cond_kwargs``); other values must agree."""
+    and tuples (SDXL's ``added_cond_kwargs``); other values must agree. Top-level keys in ``shared`` (an
+    adapter's conditioning without a batch dimension, e.g. Flux's ``txt_ids``) are given once: the
+    conditional value, which ``uncond_kwargs`` may omit or must equal."""
+    if shared:
+        unc = {k: v for k, v in uncond_kwargs.items() if k not in shared}
+        cond = {k: v for k, v in model_kwargs.items() if k not in shared}
+        out = _doubled(unc, cond, batch, "")
+        for k in shared:
+            if k in model_kwargs:
+                out[k] = _shared_value(k, uncond_kwargs.get(k, model_kwargs[k]), model_kwargs[k])
+            elif k in uncond_kwargs:
+                raise ValueError(f"`uncond_kwargs[{k!r}]` is given but `model_kwargs[{k!r}]` is not")
+        return out
     return _doubled(uncond_kwargs, model_kwargs, batch, "")
+
+
+def _shared_value(key: str, unc, cond):
+    """One value for both halves of the doubled batch; the check reads the device once per call, outside the
+    loop (Flux's pipeline gives both halves the same ids: zeros for the text, the latent grid for the image)."""
+    tensors = isinstance(unc, torch.Tensor) + isinstance(cond, torch.Tensor)
+    if tensors == 2:
+        same = unc is cond or (unc.shape == cond.shape and bool(torch.equal(unc, cond.to(unc.device))))
+    else:
+        same = tensors == 0 and unc == cond
+    if not same:
+        shapes = [tuple(v.shape) if isinstance(v, torch.Tensor) else repr(v) for v in (unc, cond)]
+        raise ValueError(
+            f"`uncond_kwargs[{key!r}]` {shapes[0]} differs from `model_kwargs[{key!r}]` {shapes[1]}; this "
+            "conditioning has no batch dimension, so the doubled batch takes one value for both halves"
+        )
+    return cond
 
 
 def _doubled(unc, cond, batch: int, path: str):
@@ -99,6 +273,32 @@ def as_fastdiff_scheduler(scheduler, backend: Optional[str] = None):
     return cls.from_config(scheduler.config, backend=backend)
 
 
+def set_schedule(scheduler, num_inference_steps, device, schedule_kwargs: Optional[dict] = None) -> None:
+    """``scheduler.set_timesteps`` as diffusers' ``retrieve_timesteps`` calls it: with custom ``sigmas`` or
+    ``timesteps`` in ``schedule_kwargs`` the step count comes from them, else ``num_inference_steps``; the other
+    ``schedule_kwargs`` (Flux's and SD3's ``mu``) go along."""
+    kwargs = dict(schedule_kwargs or {})
+    if kwargs.get("sigmas") is not None or kwargs.get("timesteps") is not None:
+        scheduler.set_timesteps(device=device, **kwargs)
+    else:
+        scheduler.set_timesteps(num_inference_steps, device=device, **kwargs)
+
+
+def schedule_key(schedule_kwargs: Optional[dict]) -> tuple:
+    """``schedule_kwargs`` as a hashable key (custom sigmas as a tuple of floats): part of a graph's key."""
+    return tuple(
+        sorted(
+            (
+                k,
+                tuple(torch.as_tensor(v).reshape(-1).tolist())
+                if isinstance(v, (list, tuple)) or hasattr(v, "shape")
+                else v,
+            )
+            for k, v in (schedule_kwargs or {}).items()
+        )
+    )
+
+
 def initial_noise(shape, dtype, device, generator=None, seeds: Optional[torch.Tensor] = None, backend=None):
     """Starting noise: drawn like diffusers' ``randn_tensor`` from ``generator``, or Philox normals
     (stream LATENTS, offset 0) from per-sample ``seeds``, one launch on the fast backends. ``backend``: the
@@ -134,12 +334,14 @@ def denoise(
     progress=None,
     callback: Optional[Callable] = None,
     check_output: bool = True,
+    adapter: Optional[Adapter] = None,
     nonfinite: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The loop body shared by ``sample`` and ``GraphSampler``: every step of ``scheduler.timesteps``.
 
     ``cond_kwargs`` are the model kwargs for the call (already doubled under guidance); ``noise_seed`` a
-    device int64 tensor of per-sample seeds (Philox), or None to draw from ``generator`` like diffusers.
+    device int64 tensor of per-sample seeds (Philox), or None to draw from ``generator`` like diffusers;
+    ``adapter`` how the model is called (:func:`adapter_for`; the UNet-style call by default).
     ``nonfinite``: a :func:`nonfinite_counts` buffer that each step fills on the device (``check_finite``).
     """
     cond_kwargs = cond_kwargs or {}
@@ -160,7 +362,7 @@ def denoise(
     for i, t in enumerate(scheduler.timesteps):
         model_in = torch.cat([latents, latents]) if guided else latents
         model_in = scheduler.scale_model_input(model_in, t)
-        out = call_model(model, model_in, t, cond_kwargs)
+        out = call_model(model, model_in, t, cond_kwargs, adapter)
         if check_output and i == 0:
             _check_model_output(out, model_in, scheduler)
         latents = scheduler.step(out, t, latents, **kw).prev_sample
@@ -212,7 +414,7 @@ def check_finite_latents(latents: torch.Tensor) -> None:
 
 def _check_model_output(out: torch.Tensor, model_in: torch.Tensor, scheduler) -> None:
     expected = tuple(model_in.shape)
-    learned = getattr(scheduler, "variance_type", None) in ("learned", "learned_range")
+    learned = scheduler.config.get("variance_type") in ("learned", "learned_range")
     ok = tuple(out.shape) == expected or (
         learned
         and out.ndim == model_in.ndim
@@ -341,10 +543,12 @@ def prepare(
     dtype=None,
     device=None,
     backend=None,
+    adapter=None,
     guidance_rescale: float = 0.0,
     step_kwargs: Optional[dict] = None,
 ) -> dict[str, Any]:
-    """Validate ``sample``/``GraphSampler`` arguments; returns the pieces both need."""
+    """Validate ``sample``/``GraphSampler`` arguments; returns the pieces both need (``adapter``: how the model
+    is called, see :func:`adapter_for`)."""
     if (shape is None) == (latents is None):
         raise ValueError("pass exactly one of `shape` (noise is drawn) or `latents` (the starting noise)")
     if generator is not None and seed is not None:
@@ -361,6 +565,7 @@ def prepare(
         raise ValueError("`uncond_kwargs` is only used with `guidance_scale`")
     if not callable(model):
         raise TypeError(f"`model` must be callable as model(x, t, **kwargs), got {type(model).__name__}")
+    adapter = adapter_for(model, adapter)
     check_steps(num_inference_steps)
     check_guidance(guidance_scale, guidance_rescale)
     check_model_kwargs(model_kwargs, "model_kwargs")
@@ -382,8 +587,11 @@ def prepare(
     step_kwargs = check_step_kwargs(step_kwargs, sched)
     batch = shape[0]
     model_kwargs = dict(model_kwargs or {})
+    check_model_call(adapter, model, shape, model_kwargs)
     call_kwargs = (
-        doubled_kwargs(dict(uncond_kwargs), model_kwargs, batch) if guidance_scale is not None else model_kwargs
+        doubled_kwargs(dict(uncond_kwargs), model_kwargs, batch, adapter.shared)
+        if guidance_scale is not None
+        else model_kwargs
     )
     seeds = as_seed_tensor(seed, batch, device) if seed is not None else None
     return dict(
@@ -393,5 +601,6 @@ def prepare(
         dtype=dtype,
         call_kwargs=call_kwargs,
         seeds=seeds,
+        adapter=adapter,
         step_kwargs=step_kwargs,
     )

@@ -132,7 +132,9 @@ class StepParams:
     elements contiguous. noise (a tensor like x) or seed ((B,) int64) with offset ((1,) int64) give the step's
     Gaussian noise; guidance is a (1,) float32 scale; thresh the (B,) float32 dynamic-thresholding bounds;
     mscale the (B,) float32 guidance-rescale factors; var the learned variance half of the model output; hist
-    up to two earlier x0 predictions. Inputs may have any float dtype; the kernels compute in float32.
+    up to three earlier converted model outputs; last the sample the previous step started from, which turns
+    on the corrector, whose result is written to corr (a third output) when given. Inputs may have any float
+    dtype; the kernels compute in float32.
     coef_values: the same row as Python floats, which a caller holding the host table passes so that the torch
     evaluation need not read ``coef`` back."""
 
@@ -149,6 +151,8 @@ class StepParams:
     mscale: Optional[Tensor] = None
     var: Optional[Tensor] = None
     hist: tuple = ()
+    last: Optional[Tensor] = None
+    corr: Optional[Tensor] = None
     clip_range: float = 0.0
     var_mode: int = VarMode.FIXED
     coef_values: Optional[Sequence[float]] = None  # the row on the host, when the caller has it (not an input)
@@ -167,6 +171,8 @@ class StepParams:
         "var",
         "hist1",
         "hist2",
+        "hist3",
+        "last",
     )
 
     @property
@@ -176,7 +182,7 @@ class StepParams:
         return NoiseMode.PHILOX if self.seed is not None else NoiseMode.NONE
 
     def inputs(self) -> list:
-        h = tuple(self.hist) + (None, None)
+        h = tuple(self.hist) + (None, None, None)
         return [
             self.sample,
             self.model_output,
@@ -190,18 +196,38 @@ class StepParams:
             self.var,
             h[0],
             h[1],
+            h[2],
+            self.last,
         ]
 
     @classmethod
-    def from_inputs(cls, inputs: Sequence, prev, x0, clip_range: float, var_mode: int) -> StepParams:
-        x, m, coef, noise, seed, offset, guidance, thresh, mscale, var, h1, h2 = inputs
-        hist = tuple(h for h in (h1, h2) if h is not None)
-        return cls(x, m, coef, prev, x0, noise, seed, offset, guidance, thresh, mscale, var, hist, clip_range, var_mode)
+    def from_inputs(cls, inputs: Sequence, prev, x0, corr, clip_range: float, var_mode: int) -> StepParams:
+        x, m, coef, noise, seed, offset, guidance, thresh, mscale, var, h1, h2, h3, last = inputs
+        hist = tuple(h for h in (h1, h2, h3) if h is not None)
+        return cls(
+            x,
+            m,
+            coef,
+            prev,
+            x0,
+            noise,
+            seed,
+            offset,
+            guidance,
+            thresh,
+            mscale,
+            var,
+            hist,
+            last,
+            corr,
+            clip_range,
+            var_mode,
+        )
 
     def dtypes(self) -> tuple:
         """(sample dtype, value-input dtypes, output dtypes): what :func:`select` routes on."""
-        ins = [t.dtype for t in (self.model_output, self.noise, self.var, *self.hist) if t is not None]
-        outs = [t.dtype for t in (self.prev, self.x0) if t is not None]
+        ins = [t.dtype for t in (self.model_output, self.noise, self.var, *self.hist, self.last) if t is not None]
+        outs = [t.dtype for t in (self.prev, self.x0, self.corr) if t is not None]
         return self.sample.dtype, ins, outs
 
 
@@ -225,7 +251,7 @@ def as_rows(t: Optional[Tensor]) -> Optional[Tensor]:
 def _run_fused_step(p: StepParams, backend: str) -> None:
     if p.sample.numel() == 0:
         return
-    for name, out in (("prev", p.prev), ("x0", p.x0)):
+    for name, out in (("prev", p.prev), ("x0", p.x0), ("corr", p.corr)):
         if out is not None and not out.is_contiguous() and not _inner_contiguous(out):
             raise ValueError(f"`{name}` output must have contiguous samples, got strides {out.stride()}")
     if backend == "torch":
@@ -239,38 +265,43 @@ def _run_fused_step(p: StepParams, backend: str) -> None:
         noise=as_rows(p.noise),
         var=as_rows(p.var),
         hist=tuple(as_rows(h) for h in p.hist),
+        last=as_rows(p.last),
     )
     if backend == "triton":
         from .kernels import step
 
         return step.launch(p)
     if backend == "cuda":
-        return torch.ops.fastdiff.fused_step_cuda(p.inputs(), p.prev, p.x0, float(p.clip_range), int(p.var_mode))
+        return torch.ops.fastdiff.fused_step_cuda(
+            p.inputs(), p.prev, p.x0, p.corr, float(p.clip_range), int(p.var_mode)
+        )
     raise ValueError(f"fastdiff::fused_step runs backend 'cuda', 'triton' or 'torch', got {backend!r}")
 
 
-@torch.library.custom_op("fastdiff::fused_step", mutates_args=("prev", "x0"))
+@torch.library.custom_op("fastdiff::fused_step", mutates_args=("prev", "x0", "corr"))
 def fused_step_op(
     inputs: Sequence[Optional[Tensor]],
     prev: Optional[Tensor],
     x0: Optional[Tensor],
+    corr: Optional[Tensor],
     clip_range: float,
     var_mode: int,
     backend: str,
 ) -> None:
-    """One generic scheduler step: ``inputs`` in ``StepParams.INPUTS`` order; writes ``prev`` and/or ``x0``."""
-    _run_fused_step(StepParams.from_inputs(inputs, prev, x0, clip_range, var_mode), backend)
+    """One generic scheduler step: ``inputs`` in ``StepParams.INPUTS`` order; writes ``prev``, ``x0`` and
+    ``corr``, each when given."""
+    _run_fused_step(StepParams.from_inputs(inputs, prev, x0, corr, clip_range, var_mode), backend)
 
 
 @fused_step_op.register_fake
-def _(inputs, prev, x0, clip_range, var_mode, backend):
+def _(inputs, prev, x0, corr, clip_range, var_mode, backend):
     return None
 
 
 def fused_step(p: StepParams, backend: str) -> None:
     """Run one fused step on ``backend`` (an answer of :func:`select`), writing ``p.prev`` / ``p.x0``."""
     if torch.compiler.is_compiling():
-        fused_step_op(p.inputs(), p.prev, p.x0, float(p.clip_range), int(p.var_mode), backend)
+        fused_step_op(p.inputs(), p.prev, p.x0, p.corr, float(p.clip_range), int(p.var_mode), backend)
     else:
         _run_fused_step(p, backend)
 

@@ -10,13 +10,35 @@ import torch
 
 from . import ops
 from .graph import GraphSampler
-from .loop import check_finite_latents, denoise, initial_noise, nonfinite_counts, prepare, raise_if_nonfinite
+from .loop import (
+    check_finite_latents,
+    denoise,
+    initial_noise,
+    nonfinite_counts,
+    prepare,
+    raise_if_nonfinite,
+    schedule_key,
+    set_schedule,
+)
+from .progress import progress as progress_display
 
 _SAMPLERS: dict = {}
 _MAX_SAMPLERS = 4
 
 
-def _cached_sampler(model, scheduler, shape, dtype, steps, guidance_scale, guidance_rescale, step_kwargs, check_finite):
+def _cached_sampler(
+    model,
+    scheduler,
+    shape,
+    dtype,
+    steps,
+    guidance_scale,
+    guidance_rescale,
+    step_kwargs,
+    adapter,
+    schedule_kwargs,
+    check_finite,
+):
     """GraphSamplers behind ``sample(graph=...)``, reused across calls for the same model, scheduler config
     and loop options (a capture costs about two eager loops). Each keeps its model alive; the oldest of more
     than four is released, and ``release_cached_samplers()`` frees them all."""
@@ -28,6 +50,8 @@ def _cached_sampler(model, scheduler, shape, dtype, steps, guidance_scale, guida
         guidance_scale is not None,
         float(guidance_rescale),
         tuple(sorted((step_kwargs or {}).items())),
+        adapter,
+        schedule_key(schedule_kwargs),
         check_finite,
     )
     sampler = _SAMPLERS.get(key)
@@ -43,6 +67,8 @@ def _cached_sampler(model, scheduler, shape, dtype, steps, guidance_scale, guida
         guidance_rescale=guidance_rescale,
         step_kwargs=step_kwargs,
         fallback="eager",
+        adapter=adapter,
+        schedule_kwargs=schedule_kwargs,
         check_finite=check_finite,
     )
     if len(_SAMPLERS) >= _MAX_SAMPLERS:
@@ -78,6 +104,8 @@ def sample(
     dtype: Optional[torch.dtype] = None,
     device=None,
     backend: Optional[str] = None,
+    adapter=None,
+    schedule_kwargs: Optional[dict] = None,
     check_finite: bool = False,
 ) -> torch.Tensor:
     """Sample from ``model`` with ``scheduler``; returns the final sample, shaped like ``shape``.
@@ -91,7 +119,15 @@ def sample(
     CUDA (Philox noise from ``seed``; a fresh seed when none is given) and runs eagerly elsewhere, or when a
     ``generator`` or ``callback`` is given (a graph has no per-step Python); True requires the graph; False
     runs eagerly. The graphs are kept for the next call (see ``release_cached_samplers``); a graph run
-    shows no per-step progress. ``step_kwargs`` go to every ``scheduler.step`` (e.g. ``eta``).
+    shows no per-step progress. ``step_kwargs`` go to every ``scheduler.step`` (e.g. ``eta``);
+    ``schedule_kwargs`` to ``scheduler.set_timesteps`` (custom ``sigmas``, Flux's ``mu``).
+
+    ``adapter`` says how the model is called ("auto" or None: from its class, see ``fastdiff.loop.adapter_for``):
+    diffusers' ``SD3Transformer2DModel`` (latents (B, C, H, W), ``model_kwargs`` ``encoder_hidden_states`` and
+    ``pooled_projections``), ``FluxTransformer2DModel`` (packed latents (B, sequence, C), ``txt_ids`` and
+    ``img_ids`` without a batch dimension, ``guidance`` for guidance-distilled models) and
+    ``WanTransformer3DModel`` (latents (B, C, F, H, W)) get their timestep by name, expanded to the batch;
+    anything else is called as ``model(x, t, **kwargs)``.
 
     ``shape``/``latents``: 3 to 5 dimensions, batch first ((B, C, L) or packed (B, tokens, C), (B, C, H, W),
     (B, C, F, H, W)); ``dtype``: float32, float16, bfloat16 or float64 (default: the model's). Every argument is
@@ -115,6 +151,7 @@ def sample(
         backend=backend,
         guidance_rescale=guidance_rescale,
         step_kwargs=step_kwargs,
+        adapter=adapter,
     )
     step_kwargs = p["step_kwargs"]
     if graph not in ("auto", True, False):
@@ -146,6 +183,8 @@ def sample(
             guidance_scale,
             guidance_rescale,
             step_kwargs,
+            p["adapter"],
+            schedule_kwargs,
             check_finite,
         )
         return sampler(
@@ -159,7 +198,7 @@ def sample(
             num_inference_steps=num_inference_steps,
         )
     sched = p["scheduler"]
-    sched.set_timesteps(num_inference_steps, device=p["device"])
+    set_schedule(sched, num_inference_steps, p["device"], schedule_kwargs)
     backend_now = ops.select(sched.backend, p["device"], p["dtype"])
     if latents is None:
         latents = initial_noise(p["shape"], p["dtype"], p["device"], generator, p["seeds"], sched.backend)
@@ -167,11 +206,7 @@ def sample(
         latents = latents.to(dtype=p["dtype"])
     latents = latents * sched.init_noise_sigma
     counts = nonfinite_counts(len(sched.timesteps), p["device"]) if check_finite else None
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(sched.timesteps), desc=f"fastdiff [{backend_now}]", leave=False)
+    bar = progress_display(len(sched.timesteps), desc=f"fastdiff [{backend_now}]", unit="step", enabled=progress)
     try:
         out = denoise(
             model,
@@ -185,11 +220,11 @@ def sample(
             step_kwargs=step_kwargs,
             progress=bar,
             callback=callback,
+            adapter=p["adapter"],
             nonfinite=counts,
         )
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     if counts is not None:
         raise_if_nonfinite(counts, sched)
     return out

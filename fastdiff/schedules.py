@@ -244,11 +244,15 @@ def dpm_schedule(
     use_exponential_sigmas: bool = False,
     use_beta_sigmas: bool = False,
     use_lu_lambdas: bool = False,
+    use_flow_sigmas: bool = False,
+    flow_shift: float = 1.0,
     final_sigmas_type: str = "zero",
     beta_schedule: str = "linear",
     timesteps=None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(timesteps int64 (n,), sigmas float32 (n+1,)) as diffusers' ``DPMSolverMultistepScheduler.set_timesteps``."""
+    """(timesteps int64 (n,), sigmas float32 (n+1,)) as diffusers' ``DPMSolverMultistepScheduler.set_timesteps``.
+    ``use_flow_sigmas`` (where no karras/lu/exponential/beta spacing is asked for) replaces the spaced timesteps by
+    :func:`flow_sigmas` and their sigma * T, truncated to integers."""
     T = len(alphas_cumprod)
     if timesteps is not None:
         ts = np.array(timesteps).astype(np.int64)
@@ -289,6 +293,9 @@ def dpm_schedule(
         flipped = np.flip(full).copy()
         sig = beta_sigmas(float(flipped[-1]), float(flipped[0]), n)
         ts = np.array([sigma_to_t(s, log_full) for s in sig])
+    elif use_flow_sigmas:
+        sig = flow_sigmas(n, T, flow_shift)
+        ts = sig * T
     else:
         sig = np.interp(ts, np.arange(0, len(full)), full)
     check_choice("final_sigmas_type", final_sigmas_type, ("zero", "sigma_min"))
@@ -297,3 +304,168 @@ def dpm_schedule(
     )
     sigmas = np.concatenate([sig, [last_sigma]]).astype(np.float32)
     return torch.from_numpy(np.asarray(ts)).to(torch.int64).numpy(), sigmas
+
+
+# ---------------------------------------------------------------------------------------------
+# flow matching (rectified flow, x = (1 - sigma) x0 + sigma eps: SD3, FLUX.1, Wan, Sana ...)
+# ---------------------------------------------------------------------------------------------
+
+
+def shift_sigmas(sigmas, shift: float):
+    """SD3's resolution shift (Esser et al. 2024, arXiv:2403.03206, eq. 23): shift s / (1 + (shift - 1) s), in the
+    dtype of ``sigmas`` (numpy array or tensor) and diffusers' operation order."""
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def time_shift_exponential(mu: float, sigma: float, t):
+    """FLUX.1's resolution-dependent shift of ``t`` in (0, 1]: e^mu / (e^mu + (1 / t - 1)^sigma)."""
+    return math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** sigma)
+
+
+def time_shift_linear(mu: float, sigma: float, t):
+    """The linear variant of :func:`time_shift_exponential`: mu / (mu + (1 / t - 1)^sigma)."""
+    return mu / (mu + (1 / t - 1) ** sigma)
+
+
+def stretch_to_terminal(t, shift_terminal: float):
+    """Stretch a descending schedule ``t`` so that it ends at ``shift_terminal`` (LTX-Video's rf.py): with
+    k = (1 - t[-1]) / (1 - shift_terminal), t -> 1 - (1 - t) / k."""
+    one_minus_z = 1 - t
+    scale_factor = one_minus_z[-1] / (1 - shift_terminal)
+    return 1 - (one_minus_z / scale_factor)
+
+
+# ---------------------------------------------------------------------------------------------
+# UniPC (VP sigmas, their Karras / exponential / beta respacings, flow sigmas)
+# ---------------------------------------------------------------------------------------------
+
+
+def _spaced_unipc_timesteps(T: int, n: int, spacing: str, steps_offset: int) -> np.ndarray:
+    """Integer timesteps of the multistep solvers (DPM-Solver, UniPC): n + 1 points, the last dropped."""
+    check_choice("timestep_spacing", spacing, TIMESTEP_SPACINGS)
+    if spacing == "linspace":
+        return np.linspace(0, T - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
+    if spacing == "leading":
+        ratio = T // (n + 1)
+        return (np.arange(0, n + 1) * ratio).round()[::-1][:-1].copy().astype(np.int64) + steps_offset
+    return np.arange(T, 0, -T / n).round().copy().astype(np.int64) - 1
+
+
+def _respaced(kind: str, base: np.ndarray, n: int, sigma_min, sigma_max) -> np.ndarray:
+    """Karras / exponential / beta sigmas between the ends of ``base`` (descending), or the given bounds."""
+    lo = sigma_min if sigma_min is not None else float(base[-1])
+    hi = sigma_max if sigma_max is not None else float(base[0])
+    if kind == "karras":
+        return karras_sigmas(lo, hi, n)
+    if kind == "exponential":
+        return exponential_sigmas(lo, hi, n)
+    return beta_sigmas(lo, hi, n)
+
+
+def unipc_flow_sigmas(
+    n: int,
+    num_train_timesteps: int,
+    flow_shift: float,
+    *,
+    mu=None,
+    time_shift_type: str = "exponential",
+    shift_terminal=None,
+    sigmas=None,
+) -> np.ndarray:
+    """The ``use_flow_sigmas`` schedule of diffusers' UniPC, without the final sigma: ``n`` points of
+    linspace(1, 1/T) (or the given ``sigmas``), shifted by ``flow_shift`` or, with ``mu``, the dynamic time shift,
+    stretched to ``shift_terminal``, and the first moved 1e-6 below 1 (its lambda would be -inf)."""
+    if sigmas is None:
+        sigmas = np.linspace(1, 1 / num_train_timesteps, n + 1)[:-1]
+    if mu is not None:
+        check_choice("time_shift_type", time_shift_type, ("exponential", "linear"))
+        shift = time_shift_exponential if time_shift_type == "exponential" else time_shift_linear
+        sigmas = shift(mu, 1.0, sigmas)
+    else:
+        sigmas = shift_sigmas(sigmas, flow_shift)
+    if shift_terminal:
+        sigmas = stretch_to_terminal(sigmas, shift_terminal)
+    sigmas = np.array(sigmas)  # a copy: the caller's array is not moved
+    eps = 1e-6
+    if np.fabs(sigmas[0] - 1) < eps:
+        sigmas[0] -= eps
+    return sigmas
+
+
+def unipc_schedule(
+    alphas_cumprod: torch.Tensor,
+    num_inference_steps: int,
+    *,
+    spacing: str = "linspace",
+    steps_offset: int = 0,
+    use_karras_sigmas: bool = False,
+    use_exponential_sigmas: bool = False,
+    use_beta_sigmas: bool = False,
+    use_flow_sigmas: bool = False,
+    flow_shift: float = 1.0,
+    mu=None,
+    time_shift_type: str = "exponential",
+    shift_terminal=None,
+    sigma_min=None,
+    sigma_max=None,
+    final_sigmas_type: str = "zero",
+    sigmas=None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(timesteps int64 (n,), sigmas float32 (n+1,)) as diffusers' ``UniPCMultistepScheduler.set_timesteps``.
+
+    Karras / exponential / beta sigmas respace the VP sigmas (or custom ``sigmas``); with ``use_flow_sigmas``
+    the Karras ones are mapped to flow sigmas s / (1 + s) (exponential and beta ones are not, as in diffusers).
+    ``final_sigmas_type`` "sigma_min" repeats the last sigma (VP: the sigma of timestep 0), "zero" appends 0.
+    Timesteps are truncated to integers, as diffusers' int64 cast does."""
+    check_choice("final_sigmas_type", final_sigmas_type, ("zero", "sigma_min"))
+    T = len(alphas_cumprod)
+    n = num_inference_steps
+    ts = _spaced_unipc_timesteps(T, n, spacing, steps_offset)
+    kind = "karras" if use_karras_sigmas else "exponential" if use_exponential_sigmas else None
+    kind = "beta" if use_beta_sigmas else kind
+    if kind is not None:
+        base = sigmas if sigmas is not None else (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).numpy()
+        log_base = np.log(base)
+        sig = _respaced(kind, np.flip(base).copy(), n, sigma_min, sigma_max)
+        if kind == "karras" and use_flow_sigmas:
+            sig = sig / (sig + 1)
+            ts = (sig * T).copy()
+        else:
+            ts = np.array([sigma_to_t(s, log_base) for s in sig])
+            ts = ts.round() if kind == "karras" else ts
+        last = sig[-1] if final_sigmas_type == "sigma_min" else 0
+    elif use_flow_sigmas:
+        sig = unipc_flow_sigmas(
+            n, T, flow_shift, mu=mu, time_shift_type=time_shift_type, shift_terminal=shift_terminal, sigmas=sigmas
+        )
+        ts = (sig * T).copy()
+        last = sig[-1] if final_sigmas_type == "sigma_min" else 0
+    else:
+        full = (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).numpy()
+        sig = np.interp(ts, np.arange(0, len(full)), full)
+        last = float(((1 - alphas_cumprod[0]) / alphas_cumprod[0]) ** 0.5) if final_sigmas_type == "sigma_min" else 0
+    sigmas_out = np.concatenate([sig, [last]]).astype(np.float32)
+    return torch.from_numpy(np.asarray(ts)).to(torch.int64).numpy(), sigmas_out
+
+
+def flow_sigmas(num_inference_steps: int, num_train_timesteps: int, shift: float) -> np.ndarray:
+    """The ``use_flow_sigmas`` schedule of diffusers' multistep solvers (DPM-Solver, UniPC): ``num_inference_steps``
+    shifted sigmas, float64, descending from shift(1 - 1/T) (the final 0 not included)."""
+    sigmas = 1.0 - np.linspace(1, 1 / num_train_timesteps, num_inference_steps + 1)
+    return np.flip(shift_sigmas(sigmas, shift))[:-1].copy()
+
+
+def calculate_shift(
+    image_seq_len: int,
+    base_seq_len: int = 256,
+    max_seq_len: int = 4096,
+    base_shift: float = 0.5,
+    max_shift: float = 1.15,
+) -> float:
+    """``mu`` for ``set_timesteps(mu=...)`` with dynamic shifting, as diffusers' FLUX.1 / SD3 pipelines compute it:
+    linear in the image's token count, ``base_shift`` at ``base_seq_len`` tokens and ``max_shift`` at ``max_seq_len``
+    (FLUX.1 at 1024x1024: 4096 tokens, mu = 1.15). Pass the scheduler config's ``base_image_seq_len``,
+    ``max_image_seq_len``, ``base_shift`` and ``max_shift``."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    b = base_shift - m * base_seq_len
+    return image_seq_len * m + b

@@ -76,8 +76,8 @@ def pytest_configure(config):
         signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
-# hypothesis profiles for tests/test_fuzz.py, chosen by FASTDIFF_FUZZ: "ci" (default) a bounded, derandomized
-# run (the same examples every run: 15 examples per scheduler, 20-50 s on this 2-core machine), "long" for local bug hunts
+# hypothesis profiles for tests/test_fuzz.py, chosen by FASTDIFF_FUZZ: "ci" (default) a bounded, derandomized run
+# (the same 15 examples per scheduler every run, 20-50 s on this 2-core machine), "long" for local bug hunts
 try:
     from hypothesis import HealthCheck, Phase, settings
 except ImportError:  # the fuzz tests skip themselves without hypothesis

@@ -40,8 +40,41 @@ SCHEDULERS = {
         ),
         {},
     ),
+    "unipc-wan": (
+        lambda: fastdiff.UniPCMultistepScheduler(
+            prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0
+        ),
+        {},
+    ),
+    "unipc-3-bh1-disable-corrector": (
+        lambda: fastdiff.UniPCMultistepScheduler(
+            solver_order=3, solver_type="bh1", final_sigmas_type="sigma_min", disable_corrector=[2]
+        ),
+        {},
+    ),
+    "unipc-eps": (
+        lambda: fastdiff.UniPCMultistepScheduler(
+            predict_x0=False, prediction_type="v_prediction", final_sigmas_type="sigma_min"
+        ),
+        {},
+    ),
+    "unipc-thresholding": (
+        lambda: fastdiff.UniPCMultistepScheduler(thresholding=True, prediction_type="v_prediction"),
+        {},
+    ),
     "sde-dpm-solver": (
         lambda: fastdiff.DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver", final_sigmas_type="sigma_min"),
+        {},
+    ),
+    "flow-euler-sde": (lambda: fastdiff.FlowMatchEulerDiscreteScheduler(stochastic_sampling=True, shift=3.0), {}),
+    "dpm++3m-sde-flow": (
+        lambda: fastdiff.DPMSolverMultistepScheduler(
+            algorithm_type="sde-dpmsolver++",
+            solver_order=3,
+            prediction_type="flow_prediction",
+            use_flow_sigmas=True,
+            flow_shift=3.0,
+        ),
         {},
     ),
 }
@@ -269,3 +302,89 @@ def test_doubled_kwargs_nested_and_errors():
         doubled_kwargs({**u, "e": None}, c, 2)
     with pytest.raises(ValueError, match=r"non-tensor .*\['flag'\].* differ"):
         doubled_kwargs({**u, "flag": False}, c, 2)
+
+
+# ---------------------------------------------------------------------------------------------- transformer adapters
+
+TRANSFORMER_CASES = {
+    # family, true-CFG scale, Flux's distilled guidance (a number: part of the graph's key, filled in the loop)
+    "sd3-cfg": ("sd3", 4.0, None),
+    "flux-distilled": ("flux", None, 3.5),
+    "flux-true-cfg": ("flux", 2.5, None),
+    "wan-cfg": ("wan", 5.0, None),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "sched_name", ["DPMSolverMultistepScheduler", "FlowMatchEulerDiscreteScheduler", "UniPCMultistepScheduler"]
+)
+@pytest.mark.parametrize("case", list(TRANSFORMER_CASES))
+def test_transformer_adapters_read_nothing_back_and_rerun_exactly(device, sched_name, case):
+    """SD3, Flux (packed latents, shared ids, guidance embedding) and Wan (5-D latents) through GraphSampler's
+    captured program: no host read; new seeds, latents and conditioning through the static buffers (nested
+    ``joint_attention_kwargs`` too) give what eager ``sample()`` gives, bit for bit."""
+    pytest.importorskip("transformers")
+    from test_transformers import tiny_model
+    from tiny_pipelines import LATENT_SHAPES, WAN_UNIPC_SCHEDULER, conditioning
+
+    from fastdiff.graph import _structure
+    from fastdiff.loop import doubled_kwargs
+
+    if sched_name not in fastdiff.SCHEDULERS:
+        pytest.skip(f"fastdiff has no {sched_name} yet")
+    family, scale, distilled = TRANSFORMER_CASES[case]
+    config = WAN_UNIPC_SCHEDULER if sched_name == "UniPCMultistepScheduler" else {}  # flow mode, as Wan runs it
+
+    def make():
+        return fastdiff.SCHEDULERS[sched_name].from_config(config)
+
+    backend = (available_backends(device) or ["reference"])[0]
+    model = tiny_model(family, distilled is not None, device)
+    shape, steps = (2, *LATENT_SHAPES[family]), 3
+
+    def kwargs(seed):
+        kw = conditioning(family, 2, seed, device)
+        if family != "wan":
+            kw["joint_attention_kwargs"] = {}
+        return dict(kw, guidance=distilled) if distilled is not None else kw
+
+    uncond = kwargs(100) if scale is not None else None
+    sampler = GraphSampler(
+        model,
+        make(),
+        shape,
+        dtype=torch.float32,
+        num_inference_steps=steps,
+        guidance_scale=scale,
+        device=device,
+        backend=backend,
+    )
+    shared = sampler.adapter.shared
+    calls = [(kwargs(1), None, 7), (kwargs(2), torch.randn(shape, device=device), 9)]
+    with torch.no_grad():
+        first = doubled_kwargs(uncond, calls[0][0], 2, shared) if scale is not None else calls[0][0]
+        st = sampler._static_inputs(shape, torch.float32, steps, scale, first)
+        sampler._load(st, as_seed_tensor(7, 2, device), None, scale, first)
+        sampler._run(st)  # warm-up
+        for cond, latents, seed in calls:
+            call = doubled_kwargs(uncond, cond, 2, shared) if scale is not None else cond
+            assert _structure(call) == _structure(first), "new conditioning values must not need a new graph"
+            sampler._load(st, as_seed_tensor(seed, 2, device), latents, scale, call)
+            with no_host_reads():
+                got = sampler._run(st)
+            eager = _sample(
+                model,
+                make,
+                device,
+                backend,
+                steps,
+                {},
+                seed,
+                **(dict(latents=latents) if latents is not None else dict(shape=shape)),
+                guidance_scale=scale,
+                model_kwargs=cond,
+                uncond_kwargs=uncond,
+            )
+            assert torch.isfinite(got).all()
+            assert torch.equal(got, eager), f"{case} with {sched_name}: the captured program differs from eager"

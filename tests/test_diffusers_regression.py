@@ -94,6 +94,16 @@ DPM_BASE = dict(
     final_sigmas_type="sigma_min",
 )
 
+UNIPC_BASE = dict(
+    num_train_timesteps=1000,
+    beta_start=0.0001,
+    beta_end=0.02,
+    beta_schedule="linear",
+    solver_order=2,
+    solver_type="bh2",
+    final_sigmas_type="sigma_min",
+)
+
 SRC = "huggingface/diffusers tests/schedulers/"
 SRC_DDPM = SRC + "test_scheduler_ddpm.py @95ff471"
 SRC_DDIM = SRC + "test_scheduler_ddim.py @1cf1528"
@@ -102,6 +112,7 @@ SRC_EULER = SRC + "test_scheduler_euler.py @18dcab7"
 SRC_EULER_NOISE = SRC + "test_scheduler_euler.py (..testing_utils version)"
 SRC_EULER_A = SRC + "test_scheduler_euler_ancestral.py @4004496"
 SRC_DPM = SRC + "test_scheduler_dpm_multi.py @9519ffc"
+SRC_UNIPC = SRC + "test_scheduler_unipc.py @b530968"
 COMPUTED = "computed with diffusers 0.42.1; diffusers' test_solver_order_and_type only asserts no NaN"
 
 
@@ -113,7 +124,8 @@ class Case:
       "train"    every training timestep, reversed, as Python ints, without set_timesteps (DDPM tests);
       "sample"   set_timesteps(steps) and the whole schedule from dummy_sample_deter * init_noise_sigma;
       "img2img"  add dummy_noise_deter at timesteps[t_start * order] and run the rest of the schedule
-                 (diffusers' test_full_loop_with_noise; DDPM uses its default 1000-step schedule).
+                 (diffusers' test_full_loop_with_noise; DDPM uses its default 1000-step schedule; flow matching
+                 noises with scale_noise, its forward process).
     """
 
     id: str
@@ -131,12 +143,16 @@ class Case:
     via: tuple = ()  # diffusers classes the config passes through first (DPM test_switch)
     sum_tol: float = 1e-2  # diffusers' tolerances: |sum - expected| < 1e-2, |mean - expected| < 1e-3
     mean_tol: float = 1e-3
-    fastdiff_unsupported: Optional[str] = None  # fastdiff raises ValueError for this config, by design
     sigma_scheduler: bool = False  # multiply by init_noise_sigma, scale_model_input each step (Euler family)
+    mu: Optional[float] = None  # set_timesteps(steps, mu=mu): dynamic shifting (flow matching)
 
 
 def _dpm(id, overrides=None, **kw):
     return Case(id=id, cls="DPMSolverMultistepScheduler", config={**DPM_BASE, **(overrides or {})}, **kw)
+
+
+def _unipc(id, overrides=None, **kw):
+    return Case(id=id, cls="UniPCMultistepScheduler", config={**UNIPC_BASE, **(overrides or {})}, **kw)
 
 
 def _euler(id, cls, overrides=None, **kw):
@@ -369,6 +385,57 @@ CASES = [
     ),
 ]
 
+# ---- UniPC multistep: 10 steps from dummy_sample_deter, no generator (UniPC draws no noise)
+CASES += [
+    _unipc("unipc-no-noise", loop="sample", expected_mean=0.2464, expected_sum=None, source=SRC_UNIPC, generator=False),
+    _unipc(
+        "unipc-karras",
+        {"use_karras_sigmas": True},
+        loop="sample",
+        expected_mean=0.2925,
+        expected_sum=None,
+        source=SRC_UNIPC,
+        generator=False,
+    ),
+    _unipc(
+        "unipc-v-prediction",
+        {"prediction_type": "v_prediction"},
+        loop="sample",
+        expected_mean=0.1014,
+        expected_sum=None,
+        source=SRC_UNIPC,
+        generator=False,
+    ),
+    _unipc(
+        "unipc-karras-v-prediction",
+        {"prediction_type": "v_prediction", "use_karras_sigmas": True},
+        loop="sample",
+        expected_mean=0.1966,
+        expected_sum=None,
+        source=SRC_UNIPC,
+        generator=False,
+    ),
+    _unipc(
+        "unipc-with-noise",
+        loop="img2img",
+        expected_mean=0.4109,
+        expected_sum=315.5757,
+        source=SRC_UNIPC,
+        t_start=8,
+        generator=False,
+    ),
+    # test_switch: through diffusers' DPMSolverSinglestep, DEIS and DPMSolverMultistep configs and back
+    _unipc(
+        "unipc-switch",
+        loop="sample",
+        expected_mean=0.2464,
+        expected_sum=None,
+        source=SRC_UNIPC + " (test_switch)",
+        generator=False,
+        via=("DPMSolverSinglestepScheduler", "DEISMultistepScheduler", "DPMSolverMultistepScheduler"),
+    ),
+]
+
 # test_solver_order_and_type: diffusers runs full_loop for every (algorithm, solver_type, order, prediction)
 # and only checks for NaN (order 3 is skipped for the SDE variants). Numbers recorded with diffusers 0.42.1:
 # (algorithm, solver_type, order, prediction_type) -> (sum, mean)
@@ -415,10 +482,6 @@ SOLVER_VARIANTS = {
     ("sde-dpmsolver++", "heun", 2, "sample"): (1788.3427, 2.328571),
 }
 
-# fastdiff implements DPM-Solver++ only ("dpmsolver++", "sde-dpmsolver++"); the deprecated first-generation
-# "dpmsolver" / "sde-dpmsolver" raise ValueError by design (fastdiff/schedulers/dpmsolver.py).
-_DEPRECATED_ALGORITHMS = ("dpmsolver", "sde-dpmsolver")
-
 for (_alg, _solver, _order, _pred), (_sum, _mean) in SOLVER_VARIANTS.items():
     CASES.append(
         _dpm(
@@ -433,7 +496,6 @@ for (_alg, _solver, _order, _pred), (_sum, _mean) in SOLVER_VARIANTS.items():
             expected_mean=_mean,
             expected_sum=_sum,
             source=COMPUTED,
-            fastdiff_unsupported=f"algorithm_type={_alg!r}" if _alg in _DEPRECATED_ALGORITHMS else None,
         )
     )
 
@@ -459,6 +521,118 @@ CASES += [
         expected_mean=0.444418,
         expected_sum=341.3133,
         source=COMPUTED_SDE,
+    ),
+]
+
+# FlowMatchEulerDiscreteScheduler: diffusers 0.42 ships no test file for it (only unmerged pull requests add one),
+# so these full loops (dummy_sample_deter, the toy model at the float timesteps, the seeded generator) were recorded
+# with diffusers 0.42.1 for every knob, and are checked against it by test_regression_numbers_with_diffusers.
+COMPUTED_FLOW = "computed with diffusers 0.42.1; diffusers has no FlowMatchEulerDiscreteScheduler test file"
+FLOW = "FlowMatchEulerDiscreteScheduler"
+CASES += [
+    Case("flow-euler-no-noise", FLOW, {}, "sample", 0.173648, 133.362, COMPUTED_FLOW),
+    Case("flow-euler-shift3", FLOW, {"shift": 3.0}, "sample", 0.168424, 129.3495, COMPUTED_FLOW),
+    Case(
+        "flow-euler-dynamic", FLOW, {"use_dynamic_shifting": True}, "sample", 0.167575, 128.6978, COMPUTED_FLOW, mu=1.15
+    ),
+    Case(
+        "flow-euler-dynamic-linear",
+        FLOW,
+        {"use_dynamic_shifting": True, "time_shift_type": "linear"},
+        "sample",
+        0.171614,
+        131.7999,
+        COMPUTED_FLOW,
+        mu=2.0,
+    ),
+    Case(
+        "flow-euler-shift-terminal",
+        FLOW,
+        {"shift": 3.0, "shift_terminal": 0.1},
+        "sample",
+        0.17033,
+        130.8134,
+        COMPUTED_FLOW,
+    ),
+    Case(
+        "flow-euler-karras", FLOW, {"shift": 3.0, "use_karras_sigmas": True}, "sample", 0.16311, 125.2684, COMPUTED_FLOW
+    ),
+    Case(
+        "flow-euler-exponential",
+        FLOW,
+        {"shift": 3.0, "use_exponential_sigmas": True},
+        "sample",
+        0.156033,
+        119.8333,
+        COMPUTED_FLOW,
+    ),
+    Case("flow-euler-beta", FLOW, {"shift": 3.0, "use_beta_sigmas": True}, "sample", 0.172473, 132.4592, COMPUTED_FLOW),
+    Case("flow-euler-invert", FLOW, {"invert_sigmas": True}, "sample", 1.157425, 888.9026, COMPUTED_FLOW),
+    Case("flow-euler-stochastic", FLOW, {"stochastic_sampling": True}, "sample", 0.164227, 126.1261, COMPUTED_FLOW),
+    Case("flow-euler-with-noise", FLOW, {"shift": 3.0}, "img2img", 0.227792, 174.9444, COMPUTED_FLOW, t_start=5),
+]
+
+# DPM-Solver++ in flow mode (Sana's config: flow_prediction, use_flow_sigmas, flow_shift=3.0, final sigma 0, lower-order
+# final steps): diffusers' test file has no flow case, so these were recorded with diffusers 0.42.1.
+COMPUTED_DPM_FLOW = "computed with diffusers 0.42.1; diffusers' DPM test file has no flow-mode case"
+SANA = {
+    "prediction_type": "flow_prediction",
+    "use_flow_sigmas": True,
+    "flow_shift": 3.0,
+    "final_sigmas_type": "zero",
+    "lower_order_final": True,
+}
+CASES += [
+    _dpm("dpm-flow-sana", SANA, loop="sample", expected_mean=0.178753, expected_sum=137.2821, source=COMPUTED_DPM_FLOW),
+    _dpm(
+        "dpm-flow-order3",
+        {**SANA, "solver_order": 3},
+        loop="sample",
+        expected_mean=0.17914,
+        expected_sum=137.5792,
+        source=COMPUTED_DPM_FLOW,
+    ),
+    _dpm(
+        "dpm-flow-heun",
+        {**SANA, "solver_type": "heun"},
+        loop="sample",
+        expected_mean=0.179788,
+        expected_sum=138.077,
+        source=COMPUTED_DPM_FLOW,
+    ),
+    _dpm(
+        "dpm-flow-sde",
+        {**SANA, "algorithm_type": "sde-dpmsolver++"},
+        loop="sample",
+        expected_mean=0.263582,
+        expected_sum=202.4309,
+        source=COMPUTED_DPM_FLOW,
+    ),
+    _dpm(
+        "dpm-flow-dynamic",
+        {**SANA, "use_dynamic_shifting": True},
+        loop="sample",
+        expected_mean=0.181693,
+        expected_sum=139.5403,
+        source=COMPUTED_DPM_FLOW,
+        mu=0.8,
+    ),
+    _dpm(
+        "dpm-flow-sigma-min",
+        {"prediction_type": "flow_prediction", "use_flow_sigmas": True, "flow_shift": 3.0},
+        loop="sample",
+        expected_mean=0.217062,
+        expected_sum=166.7038,
+        source=COMPUTED_DPM_FLOW,
+    ),
+    _dpm(
+        "dpm-flow-with-noise",
+        SANA,
+        loop="img2img",
+        t_start=5,
+        expected_mean=0.229297,
+        expected_sum=176.1001,
+        source=COMPUTED_DPM_FLOW,
     ),
 ]
 
@@ -495,16 +669,20 @@ def run_loop(scheduler, case: Case) -> torch.Tensor:
         timesteps = list(reversed(range(scheduler.config.num_train_timesteps)))
     else:
         if case.steps is not None:
+            kwargs_set = {"mu": case.mu} if case.mu is not None else {}
             if case.device is not None:
-                scheduler.set_timesteps(case.steps, device=case.device)
+                scheduler.set_timesteps(case.steps, device=case.device, **kwargs_set)
             else:
-                scheduler.set_timesteps(case.steps)
+                scheduler.set_timesteps(case.steps, **kwargs_set)
         if case.sigma_scheduler:
             sample = sample * scheduler.init_noise_sigma
         timesteps = scheduler.timesteps
         if case.loop == "img2img":
             timesteps = timesteps[case.t_start * scheduler.order :]
-            sample = scheduler.add_noise(sample, deterministic_noise(), timesteps[:1])
+            if hasattr(scheduler, "scale_noise"):  # flow matching's forward process (diffusers' class has no add_noise)
+                sample = scheduler.scale_noise(sample, timesteps[:1], deterministic_noise())
+            else:
+                sample = scheduler.add_noise(sample, deterministic_noise(), timesteps[:1])
         elif case.loop != "sample":
             raise AssertionError(f"unknown loop kind {case.loop!r}")
 
@@ -538,6 +716,8 @@ REGRESSION_CLASSES = (
     "EulerDiscreteScheduler",
     "EulerAncestralDiscreteScheduler",
     "DPMSolverMultistepScheduler",
+    "UniPCMultistepScheduler",
+    "FlowMatchEulerDiscreteScheduler",
 )
 
 
@@ -568,16 +748,13 @@ FASTDIFF_CASES = [
 ]
 
 
+@pytest.mark.filterwarnings("ignore:algorithm_type .* is deprecated:FutureWarning")
 @pytest.mark.parametrize("case,backend", FASTDIFF_CASES)
 def test_regression_numbers_with_fastdiff(case, backend):
     reason = ops.unavailable(backend, torch.device("cpu"))
     if reason is not None:
         pytest.skip(f"backend {backend!r} cannot run on the CPU here: {reason}")
     cls = getattr(fastdiff, case.cls)
-    if case.fastdiff_unsupported is not None:
-        with pytest.raises(ValueError, match="algorithm_type"):
-            cls.from_config(_diffusers_config(case), backend=backend)
-        return
     scheduler = cls.from_config(_diffusers_config(case), backend=backend)
     sample = run_loop(scheduler, case)
     assert scheduler.last_backend == backend

@@ -125,16 +125,51 @@ KNOBS = {
         "lower_order_final": _flag,
         "euler_at_final": _flag,
         "use_lu_lambdas": _flag,
-        # flow matching and dynamic shifting are refused by fastdiff's DPM-Solver (test_sigma_schedulers checks
-        # the error); flow_shift and time_shift_type are read only with them
-        "use_flow_sigmas": st.just(False),
-        "use_dynamic_shifting": st.just(False),
-        "flow_shift": st.floats(0.5, 5.0),
-        "time_shift_type": st.sampled_from(["exponential", "linear"]),
+        "use_flow_sigmas": _flag,
+        "flow_shift": st.sampled_from([1.0, 3.0]) | st.floats(0.5, 5.0),
+        "use_dynamic_shifting": _flag,  # with flow sigmas: set_timesteps(mu=...) (scheduler_cases draws it)
+        "time_shift_type": st.just("exponential"),  # diffusers' set_timesteps(mu=) asserts "exponential"
         "final_sigmas_type": st.sampled_from(["zero", "sigma_min"]),
         "lambda_min_clipped": st.just(-math.inf) | st.floats(-8.0, -1.0),
         "variance_type": st.sampled_from([None, "learned", "learned_range"]),
     },
+}
+KNOBS["FlowMatchEulerDiscreteScheduler"] = {
+    "num_train_timesteps": st.sampled_from([1000, 1000, 500, 97]),
+    "shift": st.sampled_from([1.0, 3.0]) | st.floats(0.5, 6.0),
+    "use_dynamic_shifting": _flag,  # set_timesteps(mu=...) (scheduler_cases draws it)
+    # read only by calculate_shift, which a pipeline calls to get mu
+    "base_shift": st.just(0.5),
+    "max_shift": st.just(1.15),
+    "base_image_seq_len": st.just(256),
+    "max_image_seq_len": st.just(4096),
+    "invert_sigmas": _flag,
+    "shift_terminal": st.none() | st.floats(0.02, 0.3),
+    **_sigma_spacing,
+    "time_shift_type": st.sampled_from(["exponential", "linear"]),
+    "stochastic_sampling": _flag,
+}
+KNOBS["UniPCMultistepScheduler"] = {
+    **_betas,
+    **_sigma_spacing,
+    "thresholding": _flag,
+    "dynamic_thresholding_ratio": _clipping["dynamic_thresholding_ratio"],
+    "sample_max_value": _clipping["sample_max_value"],
+    "prediction_type": st.sampled_from(["epsilon", "sample", "v_prediction"]),
+    "solver_order": st.sampled_from([1, 2, 3]),
+    "predict_x0": _flag,
+    "solver_type": st.sampled_from(["bh1", "bh2"]),
+    "lower_order_final": _flag,
+    "disable_corrector": st.sampled_from([[], [0], [1, 2]]),
+    "solver_p": st.none(),  # another scheduler as the predictor: not a knob of this one's arithmetic
+    "use_flow_sigmas": _flag,
+    "flow_shift": st.sampled_from([1.0, 3.0]) | st.floats(0.5, 5.0),
+    "final_sigmas_type": st.sampled_from(["zero", "sigma_min"]),
+    "use_dynamic_shifting": _flag,
+    "time_shift_type": st.just("exponential"),
+    "sigma_min": st.none(),
+    "sigma_max": st.none(),
+    "shift_terminal": st.none(),
 }
 STEP_KNOBS = {
     "DDPMScheduler": {},
@@ -150,6 +185,14 @@ STEP_KNOBS = {
     },
     "EulerAncestralDiscreteScheduler": {},
     "DPMSolverMultistepScheduler": {},
+    "FlowMatchEulerDiscreteScheduler": {
+        "s_churn": st.just(0.0),  # in the signature; diffusers' flow-match step ignores them
+        "s_tmin": st.just(0.0),
+        "s_tmax": st.just(math.inf),
+        "s_noise": st.just(1.0),
+        "per_token_timesteps": st.none(),
+    },
+    "UniPCMultistepScheduler": {},
 }
 # set_timesteps(timesteps=...) / (sigmas=...) where the scheduler takes them
 CUSTOM = {
@@ -158,8 +201,14 @@ CUSTOM = {
     "EulerDiscreteScheduler": ("timesteps", "sigmas"),
     "EulerAncestralDiscreteScheduler": (),
     "DPMSolverMultistepScheduler": ("timesteps",),
+    "FlowMatchEulerDiscreteScheduler": ("timesteps", "sigmas"),
+    "UniPCMultistepScheduler": ("sigmas",),
 }
 NAMES = sorted(SCHEDULERS)
+
+
+def _init_params(cls) -> set:
+    return set(inspect.signature(cls.__init__).parameters) - {"self", "backend"}
 
 
 def _step_options(cls) -> set:
@@ -170,8 +219,8 @@ def test_knob_tables_name_every_argument():
     """Every registered scheduler has a knob table here naming each constructor argument and step option."""
     for name, cls in SCHEDULERS.items():
         assert name in KNOBS and name in STEP_KNOBS and name in CUSTOM, f"{name}: no fuzz knob table"
-        assert set(KNOBS[name]) == set(cls._init_params()), (
-            f"{name}: knob table {sorted(KNOBS[name])} != constructor {sorted(cls._init_params())}"
+        assert set(KNOBS[name]) == _init_params(cls), (
+            f"{name}: knob table {sorted(KNOBS[name])} != constructor {sorted(_init_params(cls))}"
         )
         assert set(STEP_KNOBS[name]) == _step_options(cls), f"{name}: step knobs != {sorted(_step_options(cls))}"
         custom = {"timesteps", "sigmas"} & set(inspect.signature(cls.set_timesteps).parameters)
@@ -181,13 +230,15 @@ def test_knob_tables_name_every_argument():
 def _coherent(name: str, cfg: dict) -> dict:
     """Turn a draw into one config: combinations both libraries refuse are mapped to accepted ones."""
     cfg = dict(cfg)
-    if cfg["trained_betas"] is not None:
+    if cfg.get("trained_betas") is not None:
         T = cfg["num_train_timesteps"]
         cfg["trained_betas"] = (torch.linspace(2e-4, 0.02, T, dtype=torch.float64) ** cfg["trained_betas"]).tolist()
     flags = [k for k in _sigma_spacing if cfg.get(k)]
     for k in flags[1:]:
         cfg[k] = False
-    if cfg["rescale_betas_zero_snr"] and cfg["prediction_type"] == "epsilon":
+    if cfg.get("use_dynamic_shifting") and not _flow(name, cfg):
+        cfg["use_dynamic_shifting"] = False  # dynamic shifting moves flow sigmas only
+    if cfg.get("rescale_betas_zero_snr") and cfg.get("prediction_type") == "epsilon":
         # zero terminal SNR makes x0 = (x - eps) / sqrt(abar) undefined at abar = 0 (inf in both libraries): it
         # is meant for v-prediction, as diffusers' docs say
         cfg["prediction_type"] = "v_prediction"
@@ -214,12 +265,21 @@ def scheduler_cases(draw, name: str):
         if name == "EulerDiscreteScheduler":  # Euler takes float timesteps
             set_kwargs["timesteps"] = [float(v) + draw(st.sampled_from([0.0, 0.5])) * (v < T - 1) for v in values]
             set_kwargs["timesteps"].sort(reverse=True)
+    elif custom == "sigmas" and _flow(name, cfg):  # flow sigmas in (0, 1]; the scheduler appends the last
+        values = draw(st.lists(st.floats(0.02, 1.0), min_size=1, max_size=8, unique=True))
+        set_kwargs = {"sigmas": sorted(values, reverse=True)}
     elif custom == "sigmas":
         values = draw(st.lists(st.floats(0.02, 30.0), min_size=1, max_size=8, unique=True))
         set_kwargs = {"sigmas": sorted(values, reverse=True) + [draw(st.sampled_from([0.0, 0.01]))]}
     else:
         set_kwargs = {"num_inference_steps": draw(st.integers(1, min(T, 12)))}
+    if cfg.get("use_dynamic_shifting"):
+        set_kwargs["mu"] = draw(st.floats(0.2, 1.5))  # what calculate_shift gives for 256-4096 tokens
     return cfg, set_kwargs, step_kwargs
+
+
+def _flow(name: str, cfg: dict) -> bool:
+    return name == "FlowMatchEulerDiscreteScheduler" or bool(cfg.get("use_flow_sigmas"))
 
 
 @st.composite
@@ -431,7 +491,9 @@ def assert_lowp_finite(actual, plain, ref32, what):
 def _step(s, m, t, x, step_kwargs, seed, device, guidance=None, rescale=0.0):
     if hasattr(s, "scale_model_input"):
         s.scale_model_input(x, t)
-    kw = dict(step_kwargs, generator=torch.Generator(device).manual_seed(seed))
+    kw = dict(step_kwargs)
+    if "generator" in inspect.signature(s.step).parameters:  # UniPC's step draws no noise and takes none
+        kw["generator"] = torch.Generator(device).manual_seed(seed)
     if guidance is not None:
         kw.update(guidance_scale=guidance, guidance_rescale=rescale)
     return s.step(m, t, x, **kw)
@@ -455,7 +517,7 @@ def run_case(name, cfg, set_kwargs, step_kwargs, case, device, backends):
     gen = torch.Generator().manual_seed(case["seed"])
     shape = case["shape"]
     ref_sched = d if d is not None else fast["reference"]
-    x = (torch.randn(shape, generator=gen) * float(ref_sched.init_noise_sigma)).to(device)
+    x = (torch.randn(shape, generator=gen) * float(getattr(ref_sched, "init_noise_sigma", 1.0))).to(device)
     steps = len(ref_sched.timesteps)
     for i in range(steps):
         t_of = lambda s: s.timesteps[i]  # noqa: B023

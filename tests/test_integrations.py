@@ -9,6 +9,7 @@ from fastdiff import integrations
 
 diffusers = pytest.importorskip("diffusers")
 BACKEND_CASES = [(d, b) for d in DEVICES for b in ["reference"] + available_backends(d)]
+from test_pipelines import SWAP_NAMES  # noqa: E402
 
 
 @pytest.mark.parametrize("device,backend", BACKEND_CASES)
@@ -131,3 +132,64 @@ def test_run_text_to_image_matches_the_pipeline_loop(device, backend):
         )
     assert np.abs(got.images - expected).max() <= 2e-4
     assert got.nsfw_content_detected is None
+
+
+# ---------------------------------------------------------------------------------------------- SD3, Flux, Wan
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+@pytest.mark.parametrize("name", SWAP_NAMES)
+def test_run_pipeline_transformer_pipelines_match(name, device, backend):
+    """run_pipeline on diffusers' StableDiffusion3Pipeline / FluxPipeline / WanPipeline (their own scheduler,
+    converted to fastdiff's class of the same name): the pipeline's images (2e-4), the loop run by fastdiff with
+    guidance as one doubled batch."""
+    import tiny_pipelines
+    from test_pipelines import _fastdiff_scheduler, transformer_images, transformer_pipeline
+
+    pipe = transformer_pipeline(name, device)
+    _fastdiff_scheduler(*tiny_pipelines.SWAPS[name][1:3], backend)  # skips, naming it, while fastdiff lacks it
+    expected = transformer_images(pipe, name, device)
+    out = integrations.run_pipeline(pipe, **tiny_pipelines.call_arguments(name, device=device), backend=backend)
+    got = out.frames if name.startswith("wan") else out.images
+    assert got.shape == expected.shape
+    err = np.abs(got - expected).max()
+    assert err <= 2e-4, f"{name} [{backend}]: max |diff| {err:.3e}"
+
+
+@pytest.mark.parametrize("name", ["flux-dev-true-cfg", "wan-dpm++"])
+def test_run_pipeline_transformer_seeds_and_outputs(name):
+    """Philox starting noise from per-sample seeds (Flux's in the packed layout), tuple and latent outputs."""
+    import tiny_pipelines
+    from test_pipelines import _fastdiff_scheduler, transformer_pipeline
+
+    pipe = transformer_pipeline(name, "cpu")
+    _fastdiff_scheduler(*tiny_pipelines.SWAPS[name][1:3], None)
+    args = tiny_pipelines.call_arguments(name)
+    del args["generator"]
+    latents = {}
+    for seed in (3, 3, 4):
+        out = integrations.run_pipeline(pipe, **{**args, "output_type": "latent"}, seed=seed, return_dict=False)
+        assert isinstance(out, tuple) and len(out) == 1
+        latents.setdefault(seed, []).append(out[0])
+    assert torch.equal(latents[3][0], latents[3][1]), "the same seed must give the same latents"
+    assert not torch.allclose(latents[3][0], latents[4][0])
+    assert torch.isfinite(latents[3][0]).all()
+    if name.startswith("flux"):
+        assert latents[3][0].shape == (1, 16, 16)  # packed: (batch, 4x4 tokens, 4 latent channels x 2x2)
+
+
+def test_run_pipeline_refuses_what_changes_the_loop():
+    from test_pipelines import transformer_pipeline
+
+    pipe = transformer_pipeline("sd3-dpm++", "cpu")
+    with pytest.raises(TypeError, match=r"does not support `callback_on_step_end` for StableDiffusion3Pipeline"):
+        integrations.run_pipeline(pipe, prompt="a cat", callback_on_step_end=lambda *a: {})
+    with pytest.raises(TypeError, match=r"does not support `skip_guidance_layers`"):
+        integrations.run_pipeline(pipe, prompt="a cat", skip_guidance_layers=[0])
+    wan = transformer_pipeline("wan-dpm++", "cpu")
+    wan.register_to_config(boundary_ratio=0.875)
+    try:
+        with pytest.raises(NotImplementedError, match=r"one transformer; this one has `boundary_ratio`=0.875"):
+            integrations.run_pipeline(wan, prompt="a cat")
+    finally:
+        wan.register_to_config(boundary_ratio=None)

@@ -35,7 +35,7 @@ def test_fused_step_writes_every_element(device, backend, dtype, shape):
     prev = torch.full(shape, float("nan"), device=device, dtype=dtype)
     x0 = torch.full(shape, float("nan"), device=device, dtype=dtype)
     p = ops.StepParams(x, m, row, prev=prev, x0=x0, noise=z, clip_range=1.0)
-    ops.fused_step_op(p.inputs(), prev, x0, 1.0, 0, backend)
+    ops.fused_step_op(p.inputs(), prev, x0, None, 1.0, 0, backend)
     xf, mf, zf = x.float(), m.float(), z.float()
     x0_ref = (0.5 * (xf - 0.3 * mf)).clamp(-1, 1)
     prev_ref = 0.7 * x0_ref + 0.2 * mf + 0.1 * xf + 0.05 * zf
@@ -75,6 +75,52 @@ def test_fused_step_history_and_learned_variance(device, backend):
     prev_ref = 0.6 * x0_ref + 0.3 * eps + 0.2 * xh - 0.15 * h1 + 0.05 * h2 + std * z
     torch.testing.assert_close(prev, prev_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x0, x0_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device,backend", FAST_CASES)
+@pytest.mark.parametrize("nhist", [0, 1, 3])
+def test_fused_step_corrector_and_third_history(device, backend, nhist):
+    """The corrector row (UniPC's corrector, PNDM's warm-up): xc from the previous starting sample and the
+    history replaces xh in the update, and is written out; a third history term."""
+    shape = (2, 3, 37)
+    x, m, last, z = (torch.randn(shape, device=device) for _ in range(4))
+    hist = tuple(torch.randn(shape, device=device) for _ in range(nhist))
+    row = _row(
+        device,
+        X_S=1.0,
+        A_X=0.3,
+        A_M=0.8,
+        E_S=1.0,
+        E_M=1.0,
+        C_0=0.5,
+        C_E=0.1,
+        C_X=0.7,
+        H_1=0.2,
+        H_2=-0.3,
+        H_3=0.05,
+        L_L=0.9,
+        L_0=-0.4,
+        L_1=0.25,
+        L_2=0.15,
+        L_3=-0.1,
+        SIGMA=0.3,
+    )
+    corr = torch.full(shape, float("nan"), device=device)
+    prev, x0 = _step(backend, x, m, row, hist=hist, last=last, corr=corr, noise=z)
+    x0_ref = 0.3 * x + 0.8 * m
+    xc_ref = 0.9 * last - 0.4 * x0_ref
+    prev_ref = 0.5 * x0_ref + 0.1 * m + 0.7 * xc_ref
+    for w_l, w_h, h in zip((0.25, 0.15, -0.1), (0.2, -0.3, 0.05), hist):
+        xc_ref = xc_ref + w_l * h
+        prev_ref = prev_ref + 0.7 * w_l * h + w_h * h
+    prev_ref = prev_ref + 0.3 * z
+    torch.testing.assert_close(corr, xc_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(prev, prev_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x0, x0_ref, rtol=1e-5, atol=1e-5)
+    # without `last`, corr is the (noised) input sample and C_X multiplies it
+    corr2 = torch.full(shape, float("nan"), device=device)
+    _step(backend, x, m, row, corr=corr2)
+    torch.testing.assert_close(corr2, x)
 
 
 @pytest.mark.parametrize("device,backend", FAST_CASES)
@@ -162,7 +208,7 @@ def test_opcheck(device, backend):
     row = _row(device, X_S=1.0, A_X=1.0, A_M=-0.5, C_0=1.0, E_S=1.0)
     g = torch.tensor([3.0], device=device)
     p = ops.StepParams(x, m, row, guidance=g)
-    args = (p.inputs(), torch.empty_like(x), torch.empty_like(x), 0.0, 0, backend)
+    args = (p.inputs(), torch.empty_like(x), torch.empty_like(x), torch.empty_like(x), 0.0, 0, backend)
     torch.library.opcheck(
         torch.ops.fastdiff.fused_step.default,
         args,

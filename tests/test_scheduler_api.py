@@ -32,7 +32,9 @@ def test_config_round_trips(tmp_path, name):
     assert f.config.beta_schedule == "scaled_linear" and f.config.steps_offset == 1
     f.save_pretrained(tmp_path)
     back = getattr(fastdiff, name).from_pretrained(tmp_path)
-    assert dict(back.config) == dict(f.config)
+    # a reloaded config is the original without the `_use_default_values` bookkeeping (every key now explicit)
+    assert "_use_default_values" in f.config and "_use_default_values" not in back.config
+    assert dict(back.config) == {k: v for k, v in f.config.items() if k != "_use_default_values"}
     # diffusers reads what fastdiff wrote
     d2 = getattr(diffusers, name).from_pretrained(tmp_path)
     assert d2.config.prediction_type == "v_prediction"
@@ -57,13 +59,16 @@ def test_copy_and_pickle(name):
         assert len(s.timesteps) == 7, "the copy shares no state with the original"
 
 
-def test_from_config_of_another_scheduler_ignores_its_options():
+def test_from_config_of_another_scheduler_carries_its_options():
+    """As in diffusers: options of another scheduler are not init arguments but stay in the config (so a later
+    switch back keeps them) and come back as unused kwargs; options left at their defaults are dropped."""
     ddpm = diffusers.DDPMScheduler(variance_type="fixed_large", clip_sample=False)
-    ddim = fastdiff.DDIMScheduler.from_config(ddpm.config, eta_unused=1)
+    ddim, unused = fastdiff.DDIMScheduler.from_config(ddpm.config, return_unused_kwargs=True, eta_unused=1)
     assert ddim.config.clip_sample is False
-    assert "variance_type" not in ddim.config
-    _, unused = fastdiff.DDIMScheduler.from_config(ddpm.config, return_unused_kwargs=True)
-    assert "variance_type" in unused
+    assert ddim.config.variance_type == "fixed_large" and "variance_type" in unused and unused["eta_unused"] == 1
+    assert "thresholding" in ddim.config["_use_default_values"], "DDPM's defaults do not count as set"
+    back = fastdiff.DDPMScheduler.from_config(ddim.config)
+    assert back.config.variance_type == "fixed_large" and back.config.clip_sample is False
 
 
 @pytest.mark.parametrize("name", ALL_NAMES)

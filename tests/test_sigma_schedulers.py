@@ -261,5 +261,7 @@ def test_step_index_and_errors():
         fastdiff.DPMSolverMultistepScheduler(algorithm_type="dpmsolver")
     with pytest.raises(ValueError, match="`solver_order`.*4"):
         fastdiff.DPMSolverMultistepScheduler(solver_order=4)
-    with pytest.raises(ValueError, match="`use_flow_sigmas`"):
-        fastdiff.DPMSolverMultistepScheduler(use_flow_sigmas=True)
+    with pytest.raises(ValueError, match="`prediction_type`='flow_prediction' is not supported"):
+        fastdiff.DPMSolverMultistepScheduler(
+            prediction_type="flow_prediction", algorithm_type="sde-dpmsolver", final_sigmas_type="sigma_min"
+        )

@@ -117,17 +117,27 @@ def fused_step(p) -> None:
         x0.clamp_(-p.clip_range, p.clip_range)
     if p.x0 is not None and p.x0 is not x0:
         p.x0.copy_(x0)
+    hist = [_f32(h) for h in p.hist]
+    hk = (coefs.H_1, coefs.H_2, coefs.H_3)
+    if p.last is not None:  # the corrected sample, from the previous step's starting sample and the history
+        lk = (coefs.L_1, coefs.L_2, coefs.L_3)
+        terms = [(r[coefs.L_L], _f32(p.last)), (r[coefs.L_0], x0)] + [(r[k], h) for k, h in zip(lk, hist)]
+        xc = _combine(terms, out=_buffer(p.corr, x))
+    else:
+        xc = xh
+    if p.corr is not None and p.corr is not xc:
+        p.corr.copy_(xc)
     if p.prev is None:
         return
 
-    # eps = E_S * (E_X * xh + E_M * m + E_0 * x0); prev = C_0 x0 + C_E eps + C_X xh + H_1 h1 + H_2 h2 + std z
-    terms = [(r[coefs.C_0], x0), (r[coefs.C_X], xh)]
+    # eps = E_S * (E_X * xh + E_M * m + E_0 * x0); prev = C_0 x0 + C_E eps + C_X xc + H_k h_k + std z
+    terms = [(r[coefs.C_0], x0), (r[coefs.C_X], xc)]
     if not _is(r[coefs.C_E], 0.0):
         eps = _combine([(r[coefs.E_X], xh), (r[coefs.E_M], m), (r[coefs.E_0], x0)], reuse=True)
         if not _is(r[coefs.E_S], 1.0):
             eps = eps * r[coefs.E_S]
         terms.insert(1, (r[coefs.C_E], eps))
-    terms += [(r[k], _f32(h)) for k, h in zip((coefs.H_1, coefs.H_2), p.hist)]
+    terms += [(r[k], h) for k, h in zip(hk, hist)]
     prev = _combine(terms, out=_buffer(p.prev, x))
     if z is not None:
         if p.var_mode == VarMode.FIXED:

@@ -29,6 +29,12 @@ _LV_A = tl.constexpr(coefs.LV_A)
 _LV_B = tl.constexpr(coefs.LV_B)
 _X_S = tl.constexpr(coefs.X_S)
 _E_S = tl.constexpr(coefs.E_S)
+_H_3 = tl.constexpr(coefs.H_3)
+_L_L = tl.constexpr(coefs.L_L)
+_L_0 = tl.constexpr(coefs.L_0)
+_L_1 = tl.constexpr(coefs.L_1)
+_L_2 = tl.constexpr(coefs.L_2)
+_L_3 = tl.constexpr(coefs.L_3)
 _NOISE_NONE = tl.constexpr(int(coefs.NoiseMode.NONE))
 _NOISE_TENSOR = tl.constexpr(int(coefs.NoiseMode.TENSOR))
 _NOISE_PHILOX = tl.constexpr(int(coefs.NoiseMode.PHILOX))
@@ -65,6 +71,9 @@ def fused_step_kernel(
     v_ptr,
     h1_ptr,
     h2_ptr,
+    h3_ptr,
+    l_ptr,
+    corr_ptr,
     N,
     half_batch,
     x_sb,
@@ -73,8 +82,11 @@ def fused_step_kernel(
     v_sb,
     h1_sb,
     h2_sb,
+    h3_sb,
+    l_sb,
     prev_sb,
     x0_sb,
+    corr_sb,
     clip_range,
     NOISE: tl.constexpr,
     CFG: tl.constexpr,
@@ -83,8 +95,10 @@ def fused_step_kernel(
     MSCALE: tl.constexpr,
     VAR_MODE: tl.constexpr,
     NHIST: tl.constexpr,
+    CORR: tl.constexpr,
     WRITE_PREV: tl.constexpr,
     WRITE_X0: tl.constexpr,
+    WRITE_CORR: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -123,16 +137,36 @@ def fused_step_kernel(
     elif CLIP:
         x0 = _clamp_nan(x0, -clip_range, clip_range)
 
+    if NHIST >= 1:
+        h1 = tl.load(h1_ptr + b * h1_sb + j, mask=mask, other=0.0).to(tl.float32)
+    if NHIST >= 2:
+        h2 = tl.load(h2_ptr + b * h2_sb + j, mask=mask, other=0.0).to(tl.float32)
+    if NHIST >= 3:
+        h3 = tl.load(h3_ptr + b * h3_sb + j, mask=mask, other=0.0).to(tl.float32)
+    if CORR:  # the corrected sample, from the previous step's starting sample and the history
+        xc = tl.load(l_ptr + b * l_sb + j, mask=mask, other=0.0).to(tl.float32)
+        xc = tl.load(coef_ptr + _L_L) * xc + tl.load(coef_ptr + _L_0) * x0
+        if NHIST >= 1:
+            xc += tl.load(coef_ptr + _L_1) * h1
+        if NHIST >= 2:
+            xc += tl.load(coef_ptr + _L_2) * h2
+        if NHIST >= 3:
+            xc += tl.load(coef_ptr + _L_3) * h3
+    else:
+        xc = x
+    if WRITE_CORR:
+        tl.store(corr_ptr + b * corr_sb + j, xc.to(corr_ptr.dtype.element_ty), mask=mask)
+
     if WRITE_PREV:
         eps = tl.load(coef_ptr + _E_X) * x + tl.load(coef_ptr + _E_M) * m + tl.load(coef_ptr + _E_0) * x0
         eps = tl.load(coef_ptr + _E_S) * eps
-        prev = tl.load(coef_ptr + _C_0) * x0 + tl.load(coef_ptr + _C_E) * eps + tl.load(coef_ptr + _C_X) * x
+        prev = tl.load(coef_ptr + _C_0) * x0 + tl.load(coef_ptr + _C_E) * eps + tl.load(coef_ptr + _C_X) * xc
         if NHIST >= 1:
-            h1 = tl.load(h1_ptr + b * h1_sb + j, mask=mask, other=0.0).to(tl.float32)
             prev += tl.load(coef_ptr + _H_1) * h1
         if NHIST >= 2:
-            h2 = tl.load(h2_ptr + b * h2_sb + j, mask=mask, other=0.0).to(tl.float32)
             prev += tl.load(coef_ptr + _H_2) * h2
+        if NHIST >= 3:
+            prev += tl.load(coef_ptr + _H_3) * h3
         if NOISE != _NOISE_NONE:
             if VAR_MODE == _VAR_LEARNED:  # DDPM "learned": the model predicts the variance itself
                 v = tl.load(v_ptr + b * v_sb + j, mask=mask, other=1.0).to(tl.float32)
@@ -154,7 +188,7 @@ def launch(p) -> None:
     x = p.sample
     batch = x.shape[0]
     numel = x.numel() // batch
-    h1, h2 = (tuple(p.hist) + (None, None))[:2]
+    h1, h2, h3 = (tuple(p.hist) + (None, None, None))[:3]
     dummy = p.coef  # never dereferenced: the matching constexpr flag is off
     opt = lambda t: t if t is not None else dummy
     sb = lambda t: t.stride(0) if t is not None else 0
@@ -174,6 +208,9 @@ def launch(p) -> None:
         opt(p.var),
         opt(h1),
         opt(h2),
+        opt(h3),
+        opt(p.last),
+        opt(p.corr),
         numel,
         batch,
         x.stride(0),
@@ -182,8 +219,11 @@ def launch(p) -> None:
         sb(p.var),
         sb(h1),
         sb(h2),
+        sb(h3),
+        sb(p.last),
         sb(p.prev),
         sb(p.x0),
+        sb(p.corr),
         float(p.clip_range),
         NOISE=int(p.noise_mode),
         CFG=p.guidance is not None,
@@ -192,8 +232,10 @@ def launch(p) -> None:
         MSCALE=p.mscale is not None,
         VAR_MODE=int(p.var_mode),
         NHIST=len(p.hist),
+        CORR=p.last is not None,
         WRITE_PREV=p.prev is not None,
         WRITE_X0=p.x0 is not None,
+        WRITE_CORR=p.corr is not None,
         BLOCK=BLOCK,
         num_warps=NUM_WARPS,
     )

@@ -5,9 +5,6 @@ the backend, fused or reference call, output) that a sampler fills in through a 
 from __future__ import annotations
 
 import dataclasses
-import inspect
-import json
-import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -15,61 +12,13 @@ import numpy as np
 import torch
 
 from .. import coefs, ops, reference
-from .._version import __version__
 from ..coefs import VarMode
 from ..noise import as_seed_tensor, philox_normal, randn_tensor
-
-CONFIG_NAME = "scheduler_config.json"
-
-
-class FrozenConfig(dict):
-    """A read-only dict with attribute access, like diffusers' ``FrozenDict``."""
-
-    def __getattr__(self, name):
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(f"scheduler config has no attribute {name!r}") from None
-
-    def _immutable(self, *args, **kwargs):
-        raise TypeError("scheduler config is frozen; build a new scheduler with from_config(config, **changes)")
-
-    __setitem__ = __delitem__ = update = pop = popitem = setdefault = clear = _immutable
-
-    def __reduce__(self):
-        # copy/pickle rebuild a dict subclass item by item through __setitem__; build it whole instead
-        return (type(self), (dict(self),))
+from ._config import ConfigMixin
+from ._output import SchedulerOutput  # noqa: F401  (scheduler files import it from here)
 
 
-@dataclass
-class SchedulerOutput:
-    """Output of ``step``: ``prev_sample`` (x_{t-1}) and ``pred_original_sample`` (x_0 estimate).
-
-    Indexable like diffusers' ``BaseOutput``: ``out[0]`` is ``prev_sample``."""
-
-    prev_sample: torch.Tensor
-    pred_original_sample: Optional[torch.Tensor] = None
-
-    def to_tuple(self) -> tuple:
-        return tuple(v for v in (self.prev_sample, self.pred_original_sample) if v is not None)
-
-    def __getitem__(self, key):
-        if isinstance(key, str):
-            return getattr(self, key)
-        return self.to_tuple()[key]
-
-
-def _jsonable(value):
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if isinstance(value, tuple):
-        return list(value)
-    return value
-
-
-class SchedulerBase:
+class SchedulerBase(ConfigMixin):
     """Base of the drop-in schedulers: diffusers' scheduler contract, with one step skeleton (``_step``).
 
     A sampler is one file (see docs/adding-a-sampler.md) that defines:
@@ -81,7 +30,7 @@ class SchedulerBase:
     - ``_plan(i, timestep, model_output, sample, opts)``: which row, whether noise, history in and out;
     - ``_reference_step(plan, model_output, sample, noise, opts)``: the op-by-op reference;
     - optionally ``_locate`` (how the step index is found), ``_advance`` (per-loop state after a step),
-      ``_channel_factor`` (a learned variance doubles the model output's channels);
+      ``_channel_factors`` (a learned variance doubles the model output's channels);
 
     and registers its class with ``@register`` (``_registry.py``).
 
@@ -94,88 +43,9 @@ class SchedulerBase:
     """
 
     order = 1
-    _compatibles: list = []
-
-    # ------------------------------------------------------------------ config
-
-    def _register_config(self, local_vars: dict, backend: Optional[str]) -> None:
-        params = inspect.signature(type(self).__init__).parameters
-        cfg = {k: _jsonable(local_vars[k]) for k in params if k not in ("self", "backend")}
-        self.config = FrozenConfig(_class_name=type(self).__name__, **cfg)
-        self.backend = backend
-        self.last_backend: Optional[str] = None
-        self._tables: dict = {}
-        self._device_cache: dict = {}
-        self._resolved: dict = {}
-
-    @classmethod
-    def _init_params(cls) -> list:
-        return [k for k in inspect.signature(cls.__init__).parameters if k not in ("self", "backend")]
-
-    @classmethod
-    def from_config(cls, config=None, return_unused_kwargs: bool = False, **kwargs):
-        """Build from a config dict (a diffusers scheduler's ``config`` works), with ``kwargs`` overriding.
-        Keys that are not this class's arguments (other schedulers' options, ``_class_name`` ...) are ignored,
-        as in diffusers."""
-        if config is None:
-            config = {}
-        if hasattr(config, "config") and not isinstance(config, dict):  # a scheduler object
-            config = config.config
-        if not isinstance(config, dict):
-            raise TypeError(f"`config` must be a dict-like scheduler config, got {type(config).__name__}")
-        params = cls._init_params()
-        init = {k: v for k, v in dict(config).items() if k in params}
-        unused = {k: v for k, v in dict(config).items() if k not in params and not k.startswith("_")}
-        backend = kwargs.pop("backend", None)
-        for k in list(kwargs):
-            if k in params:
-                init[k] = kwargs.pop(k)
-        obj = cls(**init, backend=backend)
-        if return_unused_kwargs:
-            return obj, {**unused, **kwargs}
-        return obj
-
-    def save_pretrained(self, save_directory, **kwargs) -> None:
-        """Write ``scheduler_config.json`` (readable by diffusers' ``from_pretrained`` too)."""
-        if os.path.isfile(save_directory):
-            raise ValueError(f"`save_directory` must be a directory, got the file {save_directory!r}")
-        os.makedirs(save_directory, exist_ok=True)
-        data = dict(self.config)
-        data["_fastdiff_version"] = __version__
-        with open(os.path.join(save_directory, CONFIG_NAME), "w") as fh:
-            json.dump(data, fh, indent=2, sort_keys=True)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, subfolder: Optional[str] = None, **kwargs):
-        """Load from a local folder holding ``scheduler_config.json`` (optionally in ``subfolder``); a hub id
-        is resolved through diffusers when it is installed."""
-        path = str(pretrained_model_name_or_path)
-        folder = os.path.join(path, subfolder) if subfolder else path
-        file = folder if os.path.isfile(folder) else os.path.join(folder, CONFIG_NAME)
-        if os.path.isfile(file):
-            with open(file) as fh:
-                config = json.load(fh)
-        else:
-            try:
-                import diffusers
-            except ImportError:
-                raise FileNotFoundError(
-                    f"`pretrained_model_name_or_path`: no {CONFIG_NAME} at {file!r}; install diffusers to load "
-                    "from the Hugging Face hub"
-                ) from None
-            config = diffusers.DDPMScheduler.load_config(path, subfolder=subfolder, **kwargs)
-        return cls.from_config(config, **{k: v for k, v in kwargs.items() if k in cls._init_params() + ["backend"]})
-
-    @property
-    def compatibles(self) -> list:
-        return list(self._compatibles)
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
-
-    def __repr__(self) -> str:
-        body = "\n".join(f"  {k!r}: {v!r}," for k, v in self.config.items())
-        return f"{type(self).__name__} {{\n{body}\n}}"
 
     # ------------------------------------------------------------------ timesteps
 
@@ -254,7 +124,7 @@ class SchedulerBase:
             if host is None:
                 host = self._coef_table(*key)
                 self._tables[(key, None)] = host
-            table = torch.from_numpy(host.astype(np.float32)).to(device)
+            table = to_device(torch.from_numpy(host.astype(np.float32)), device)
             self._tables[full_key] = table
         return table
 
@@ -286,7 +156,7 @@ class SchedulerBase:
             return value.to(device=device, dtype=torch.float32).reshape(1)
         return self._cached(
             ("scalar", float(value), torch.device(device)),
-            lambda: torch.tensor([float(value)], dtype=torch.float32, device=device),
+            lambda: to_device(torch.tensor([float(value)], dtype=torch.float32), device),
         )
 
     def _seed_tensor(self, seed, batch, device) -> torch.Tensor:
@@ -337,8 +207,12 @@ class SchedulerBase:
         m = plan.model_output if plan.model_output is not None else model_output
         out_dtype = plan.out_dtype or torch.result_type(sample, m)
         x0_dtype = plan.x0_dtype or out_dtype
-        ins = [t.dtype for t in (m, noise, plan.var, *plan.hist) if t is not None]
-        outs = [out_dtype] + ([x0_dtype] if plan.write_x0 else [])
+        ins = [t.dtype for t in (m, noise, plan.var, *plan.hist, plan.last) if t is not None]
+        outs = (
+            [out_dtype]
+            + ([x0_dtype] if plan.write_x0 else [])
+            + ([plan.corr_out.dtype] if plan.corr_out is not None else [])
+        )
         backend = "reference" if plan.reference_only else ops.select(self.backend, device, sample.dtype, ins, outs)
         if backend == "reference":
             if seed is not None:
@@ -365,6 +239,8 @@ class SchedulerBase:
                 mscale=mscale,
                 var=plan.var,
                 hist=plan.hist,
+                last=plan.last,
+                corr=plan.corr_out,
                 clip_range=plan.clip_range,
                 var_mode=plan.var_mode,
                 coef_values=values,
@@ -420,7 +296,9 @@ class SchedulerBase:
         """Dynamic thresholding needs the per-sample quantile of |x0| before the step: a pass writing only a
         float32 x0 (every backend runs that exactly), then torch.quantile. Returns the (B,) bounds."""
         raw = torch.empty(p.sample.shape, dtype=torch.float32, device=p.sample.device)
-        ops.fused_step(dataclasses.replace(p, prev=None, x0=raw, clip_range=0.0), backend)
+        ops.fused_step(
+            dataclasses.replace(p, prev=None, x0=raw, corr=None, last=None, hist=(), clip_range=0.0), backend
+        )
         ratio, max_value = self.config.dynamic_thresholding_ratio, self.config.sample_max_value
         thresh = torch.quantile(raw.reshape(raw.shape[0], -1).abs(), ratio, dim=1)
         return thresh.clamp(min=1, max=max_value).contiguous()
@@ -442,18 +320,19 @@ class SchedulerBase:
             )
         batch = guidance_batch(model_output, guidance_scale)
         shape = tuple(sample.shape)
-        rest = ((shape[1] * self._channel_factor(),) + shape[2:]) if len(shape) >= 2 else ()
-        expected = (shape[0] * (2 if guidance_scale is not None else 1),) + rest
-        if tuple(model_output.shape) != expected:
+        lead = (shape[0] * (2 if guidance_scale is not None else 1),)
+        expected = [lead + ((shape[1] * f,) + shape[2:] if len(shape) >= 2 else ()) for f in self._channel_factors()]
+        if tuple(model_output.shape) not in expected:
             raise ValueError(
-                f"`model_output` has shape {tuple(model_output.shape)}; expected {expected} for `sample` of shape "
-                f"{shape}" + (" under classifier-free guidance" if guidance_scale is not None else "")
+                f"`model_output` has shape {tuple(model_output.shape)}; expected {' or '.join(map(str, expected))} "
+                f"for `sample` of shape {shape}"
+                + (" under classifier-free guidance" if guidance_scale is not None else "")
             )
         return batch
 
-    def _channel_factor(self) -> int:
-        """How many times the sample's channels the model output has (2 for a learned variance)."""
-        return 1
+    def _channel_factors(self) -> tuple:
+        """How many times the sample's channels the model output may have (2 with a learned variance)."""
+        return (1,)
 
     def _draw_noise(self, shape, generator, device, dtype, noise_seed, variance_noise, batch, offset: int):
         """Returns (noise tensor or None, seed tensor or None, offset tensor or None)."""
@@ -531,7 +410,9 @@ class StepPlan:
     table_key/row: the coefficient row is ``_coef_table(*table_key)[row]`` (or ``coef``, a ready row for a
     step off the schedule). noise_dtype: the dtype this step's Gaussian noise is drawn in (None: no noise);
     offset: its Philox step offset. model_output/var/var_mode: the part of the model output the step reads
-    as m and a learned variance. hist/x0_out: earlier x0 predictions read, and where this step's x0 goes.
+    as m and a learned variance. hist/x0_out: earlier converted outputs read (up to three), and where this
+    step's goes. last/corr_out: the previous step's starting sample, which turns on the corrector row
+    (``coefs.L_*``), and where the corrected sample goes.
     out_dtype/x0_dtype: output dtypes (default: the promoted type of sample and model output).
     reference_only: a configuration the coefficient row cannot express, run by the reference step (say why).
     state: whatever the sampler's ``_reference_step`` and ``_advance`` need (timesteps, sigmas, order)."""
@@ -547,6 +428,8 @@ class StepPlan:
     var_mode: int = VarMode.FIXED
     hist: tuple = ()
     x0_out: Optional[torch.Tensor] = None
+    last: Optional[torch.Tensor] = None
+    corr_out: Optional[torch.Tensor] = None
     write_x0: bool = True
     out_dtype: Optional[torch.dtype] = None
     x0_dtype: Optional[torch.dtype] = None
@@ -570,6 +453,16 @@ def check_noise_seed(noise_seed, batch: int) -> None:
         raise TypeError(f"`noise_seed` must be {expected}, got {shown}")
     if count != batch:
         raise ValueError(f"`noise_seed` must give one seed per sample: batch is {batch}, got {shown}")
+
+
+def to_device(host: torch.Tensor, device) -> torch.Tensor:
+    """``host`` on ``device`` without making the host wait: a copy from pinned memory is asynchronous, where one
+    from ordinary (pageable) memory blocks until the GPU has finished everything queued before it, a host
+    sync at the first step after each ``set_timesteps``."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def guidance_batch(model_output: torch.Tensor, guidance_scale) -> int:

@@ -31,13 +31,6 @@ class DDIMScheduler(SchedulerBase):
     arguments plus ``guidance_scale``, ``guidance_rescale`` and ``noise_seed`` (see ``DDPMScheduler``).
     """
 
-    _compatibles = [
-        "DDIMScheduler",
-        "DDPMScheduler",
-        "EulerDiscreteScheduler",
-        "EulerAncestralDiscreteScheduler",
-        "DPMSolverMultistepScheduler",
-    ]
     order = 1
 
     def __init__(
@@ -101,6 +94,12 @@ class DDIMScheduler(SchedulerBase):
         if isinstance(t, float) and not t.is_integer() or not 0 <= t < T:
             raise ValueError(f"`timestep`={t!r} must be an integer in [0, num_train_timesteps={T})")
         return int(t) - T // self.num_inference_steps
+
+    def _get_variance(self, timestep, prev_timestep) -> torch.Tensor:
+        """diffusers' (private) DDIM variance (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)."""
+        a = self.alphas_cumprod[int(timestep)]
+        ap = self.alphas_cumprod[int(prev_timestep)] if int(prev_timestep) >= 0 else self.final_alpha_cumprod
+        return (1 - ap) / (1 - a) * (1 - a / ap)
 
     # ------------------------------------------------------------------ coefficients
 

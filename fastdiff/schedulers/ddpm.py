@@ -44,13 +44,6 @@ class DDPMScheduler(SchedulerBase):
     noise drawn in the kernel instead of a torch.randn tensor).
     """
 
-    _compatibles = [
-        "DDIMScheduler",
-        "DDPMScheduler",
-        "EulerDiscreteScheduler",
-        "EulerAncestralDiscreteScheduler",
-        "DPMSolverMultistepScheduler",
-    ]
     order = 1
 
     def __init__(
@@ -74,7 +67,8 @@ class DDPMScheduler(SchedulerBase):
         backend: Optional[str] = None,
     ):
         self._register_config(locals(), backend)
-        check_choice("variance_type", variance_type, VARIANCE_TYPES)
+        # None is DPM-Solver's default, carried here by from_config; diffusers' DDPM then uses fixed_small
+        check_choice("variance_type", variance_type, VARIANCE_TYPES + (None,))
         check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
         check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
         self.betas = make_betas(
@@ -84,7 +78,7 @@ class DDPMScheduler(SchedulerBase):
         self.alphas_cumprod = alphas_cumprod_from_betas(self.betas)
         self.one = torch.tensor(1.0)
         self.init_noise_sigma = 1.0
-        self.variance_type = variance_type
+        self.variance_type = "fixed_small" if variance_type is None else variance_type
         self.custom_timesteps = False
         self.num_inference_steps = None
         full = np.arange(0, num_train_timesteps)[::-1].copy()
@@ -104,6 +98,16 @@ class DDPMScheduler(SchedulerBase):
     def previous_timestep(self, timestep):
         """The timestep after ``timestep`` in the chain (-1 after the last), as a tensor like diffusers."""
         return torch.tensor(int(self._prev[self._locate(timestep)]))
+
+    def _get_variance(self, t, predicted_variance=None, variance_type=None) -> torch.Tensor:
+        """diffusers' (private) per-timestep variance quantity, for code and tests that call it: the variance
+        (fixed_small, fixed_large), its square root (fixed_small_log), log(beta_t) (fixed_large_log), the
+        predicted variance (learned) or the interpolated log-variance (learned_range)."""
+        t = int(t)
+        prev_t = int(self.previous_timestep(t))
+        vt = variance_type or self.variance_type
+        value = reference.ddpm_variance(self.alphas_cumprod, t, prev_t, vt, predicted_variance)
+        return torch.log(value) if vt == "fixed_large_log" else value
 
     # ------------------------------------------------------------------ coefficients
 
@@ -128,7 +132,7 @@ class DDPMScheduler(SchedulerBase):
         table[:, coefs.E_S] = 1.0
         table[:, coefs.C_0] = ((ap ** (0.5) * cur_b) / b).double().numpy()
         table[:, coefs.C_X] = (cur_a ** (0.5) * bp / b).double().numpy()
-        vt = self.config.variance_type
+        vt = self.variance_type
         if vt in ("fixed_small", "fixed_small_log"):
             sigma = (var**0.5).double().numpy()
         elif vt in ("fixed_large", "fixed_large_log"):
@@ -142,8 +146,12 @@ class DDPMScheduler(SchedulerBase):
 
     # ------------------------------------------------------------------ step
 
-    def _channel_factor(self) -> int:
-        return 2 if self.variance_type in ("learned", "learned_range") else 1
+    def _channel_factors(self) -> tuple:
+        return (2,) if self._learned else (1,)
+
+    @property
+    def _learned(self) -> bool:
+        return self.variance_type in ("learned", "learned_range")
 
     def step(
         self,
@@ -164,7 +172,7 @@ class DDPMScheduler(SchedulerBase):
         Noise (when t > 0) is drawn exactly as diffusers draws it from ``generator`` (or the global RNG),
         unless ``noise_seed`` asks for in-kernel Philox noise. Returns ``SchedulerOutput`` or a tuple.
         """
-        if self._channel_factor() == 2 and guidance_scale is not None:
+        if self._learned and guidance_scale is not None:
             raise ValueError(
                 f"`guidance_scale` cannot be combined with variance_type {self.variance_type!r}: guide the model "
                 "output before the step"
@@ -187,7 +195,7 @@ class DDPMScheduler(SchedulerBase):
     def _plan(self, i, timestep, model_output, sample, opts) -> StepPlan:
         t = int(self._timestep_values[i])
         channels = sample.shape[1]
-        learned = self._channel_factor() == 2
+        learned = self._learned
         eps = model_output[:, :channels] if learned else model_output
         cfg = self.config
         return StepPlan(
@@ -215,7 +223,7 @@ class DDPMScheduler(SchedulerBase):
             alphas_cumprod=self.alphas_cumprod,
             prev_t=plan.state["prev_t"],
             prediction_type=cfg.prediction_type,
-            variance_type=cfg.variance_type,
+            variance_type=self.variance_type,
             clip_sample=cfg.clip_sample,
             clip_sample_range=cfg.clip_sample_range,
             thresholding=cfg.thresholding,

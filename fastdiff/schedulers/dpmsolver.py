@@ -1,5 +1,6 @@
 """Drop-in ``DPMSolverMultistepScheduler`` for DPM-Solver++ ("DPM++ 2M", "DPM++ 2M Karras", "DPM++ 2M SDE"):
-orders 1-3, midpoint/heun, lower-order final steps; one fused launch per step.
+orders 1-3, midpoint/heun, lower-order final steps, and flow mode (Sana: ``flow_prediction`` with
+``use_flow_sigmas``, where alpha_t = 1 - sigma and sigma_t = sigma); one fused launch per step.
 
 The multistep history (previous x0 predictions) lives in a static device buffer of ``solver_order``
 slots written by the kernel itself, and every per-step decision (which order, which slots) is a pure
@@ -25,14 +26,19 @@ from ..schedules import (
     dpm_schedule,
 )
 from ._base import SchedulerOutput, StepPlan
-from ._predict import vp_x0
+from ._predict import flow_x0, vp_x0
 from ._registry import register
 from ._sigma import SigmaSchedulerBase
 
 ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver")
+PREDICTIONS = ("epsilon", "sample", "v_prediction", "flow_prediction")
 
 
-def _alpha_sigma(s: float) -> tuple[float, float]:
+def _alpha_sigma(s: float, flow: bool = False) -> tuple[float, float]:
+    """(alpha_t, sigma_t) of the schedule's sigma: 1 / sqrt(s^2 + 1) and s alpha_t for the VP sigmas of a beta
+    schedule; 1 - s and s with flow sigmas (diffusers' ``_sigma_to_alpha_sigma_t``)."""
+    if flow:
+        return 1.0 - s, s
     a = 1.0 / math.sqrt(s * s + 1.0)
     return a, s * a
 
@@ -44,8 +50,17 @@ def _ratio(a: float, b: float) -> float:
     return math.nan if a == 0 else math.copysign(math.inf, a)
 
 
-def _lam(s: float) -> float:
-    return math.inf if s == 0 else -math.log(s)  # log(alpha) - log(sigma_t) = -log(sigma)
+def _log(a: float) -> float:
+    """log(a) as torch.log gives it: -inf at 0, NaN below."""
+    return math.log(a) if a > 0 else (-math.inf if a == 0 else math.nan)
+
+
+def _lam(s: float, flow: bool = False) -> float:
+    """lambda = log(alpha_t) - log(sigma_t), the solver's time variable: -log(s) for VP sigmas, log(1 - s) - log(s)
+    for flow sigmas; inf at s = 0."""
+    if s == 0:
+        return math.inf
+    return _log(1.0 - s) - math.log(s) if flow else -math.log(s)
 
 
 def _eps_coefficients(prediction_type: str, alpha: float, sigma: float) -> tuple[float, float, float]:
@@ -94,22 +109,16 @@ def _higher_order(algorithm: str, solver_type: str, order: int, a_t, s_t, h) -> 
         "dpm++2m": ({}, {}),
         "dpm++2m-karras": ({"use_karras_sigmas": True}, {}),
         "dpm++2m-sde": ({"algorithm_type": "sde-dpmsolver++"}, {}),
+        "dpm++2m-flow": ({"prediction_type": "flow_prediction", "use_flow_sigmas": True}, {}),
     }
 )
 class DPMSolverMultistepScheduler(SigmaSchedulerBase):
     """DPM-Solver multistep (Lu et al. 2022), as diffusers' ``DPMSolverMultistepScheduler``: ``algorithm_type``
     "dpmsolver++" and "sde-dpmsolver++" (data prediction), and the deprecated "dpmsolver" and "sde-dpmsolver"
     (noise prediction); ``variance_type`` "learned"/"learned_range" takes the epsilon half of a doubled model
-    output. Flow-matching sigmas and dynamic shifting are not supported yet and raise. Extras in ``step``:
-    ``guidance_scale``, ``guidance_rescale``, ``noise_seed``."""
-
-    _compatibles = [
-        "DDIMScheduler",
-        "DDPMScheduler",
-        "EulerDiscreteScheduler",
-        "EulerAncestralDiscreteScheduler",
-        "DPMSolverMultistepScheduler",
-    ]
+    output. Flow mode: ``use_flow_sigmas`` (shifted by ``flow_shift``, or by e^mu from ``set_timesteps(mu=...)``
+    with ``use_dynamic_shifting``) and ``prediction_type="flow_prediction"`` (x0 = x - sigma v). Extras in
+    ``step``: ``guidance_scale``, ``guidance_rescale``, ``noise_seed``."""
 
     def __init__(
         self,
@@ -170,33 +179,50 @@ class DPMSolverMultistepScheduler(SigmaSchedulerBase):
             )
         check_choice("solver_type", solver_type, ("midpoint", "heun"))
         check_choice("solver_order", solver_order, (1, 2, 3))
-        check_choice("prediction_type", prediction_type, ("epsilon", "sample", "v_prediction"))
+        check_choice("prediction_type", prediction_type, PREDICTIONS)
+        if prediction_type == "flow_prediction" and algorithm_type in ("dpmsolver", "sde-dpmsolver"):
+            raise ValueError(
+                f"`prediction_type`='flow_prediction' is not supported for `algorithm_type`={algorithm_type!r} "
+                "(diffusers converts a flow prediction to x0 only, and fails at the first step); use 'dpmsolver++' "
+                "or 'sde-dpmsolver++'"
+            )
+        check_choice("time_shift_type", time_shift_type, ("exponential", "linear"))
         check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
         check_choice("final_sigmas_type", final_sigmas_type, ("zero", "sigma_min"))
         check_sigma_spacing_flags(use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas)
-        for name, value in (("use_flow_sigmas", use_flow_sigmas), ("use_dynamic_shifting", use_dynamic_shifting)):
-            if value:
-                raise ValueError(f"`{name}`=True (flow matching) is not supported by fastdiff's DPM-Solver++")
         self._init_betas(
             num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr
         )
         self.init_noise_sigma = 1.0
         self.num_inference_steps = None
+        self._flow_shift = flow_shift  # e^mu once set_timesteps(mu=...) has run, as diffusers keeps it
         full = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
         ts = np.linspace(0, num_train_timesteps - 1, num_train_timesteps, dtype=np.float32)[::-1].copy()
         self._install(ts, full.numpy().astype(np.float32), None)
 
     def set_timesteps(self, num_inference_steps: Optional[int] = None, device=None, mu=None, timesteps=None):
-        """Timesteps and sigmas for ``num_inference_steps`` steps, or custom integer ``timesteps``."""
+        """Timesteps and sigmas for ``num_inference_steps`` steps, or custom integer ``timesteps``. ``mu`` (with
+        ``use_dynamic_shifting`` and the exponential ``time_shift_type``) sets the flow shift to e^mu, for this and
+        later calls, as in diffusers."""
         cfg = self.config
         if mu is not None:
-            raise ValueError("`mu` (dynamic shifting) is not supported by fastdiff's DPM-Solver++")
+            if not (cfg.use_dynamic_shifting and cfg.time_shift_type == "exponential"):
+                raise ValueError(
+                    f"`mu`={mu!r} needs use_dynamic_shifting=True and time_shift_type='exponential'; the config has "
+                    f"use_dynamic_shifting={cfg.use_dynamic_shifting!r}, time_shift_type={cfg.time_shift_type!r}"
+                )
+            self._flow_shift = np.exp(mu)
         if (num_inference_steps is None) == (timesteps is None):
             raise ValueError("pass exactly one of `num_inference_steps` or `timesteps`")
         if timesteps is not None and (
             cfg.use_karras_sigmas or cfg.use_lu_lambdas or cfg.use_exponential_sigmas or cfg.use_beta_sigmas
         ):
             raise ValueError("custom `timesteps` cannot be combined with karras/lu/exponential/beta sigmas")
+        if timesteps is not None and cfg.use_flow_sigmas:
+            raise ValueError(
+                "custom `timesteps` cannot be combined with use_flow_sigmas=True (the flow schedule replaces them; "
+                "diffusers fails on this combination); pass `num_inference_steps`"
+            )
         if num_inference_steps is not None:
             check_num_inference_steps(num_inference_steps, cfg.num_train_timesteps)
         ts, sig = dpm_schedule(
@@ -209,6 +235,8 @@ class DPMSolverMultistepScheduler(SigmaSchedulerBase):
             use_exponential_sigmas=cfg.use_exponential_sigmas,
             use_beta_sigmas=cfg.use_beta_sigmas,
             use_lu_lambdas=cfg.use_lu_lambdas,
+            use_flow_sigmas=cfg.use_flow_sigmas,
+            flow_shift=self._flow_shift,
             final_sigmas_type=cfg.final_sigmas_type,
             beta_schedule=cfg.beta_schedule,
             timesteps=timesteps,
@@ -240,9 +268,12 @@ class DPMSolverMultistepScheduler(SigmaSchedulerBase):
         """DPM-Solver (not ++) integrates the noise prediction: its history holds eps, not x0."""
         return self.config.algorithm_type in ("dpmsolver", "sde-dpmsolver")
 
-    def _channel_factor(self) -> int:
+    def _channel_factors(self) -> tuple:
+        """With a learned variance and epsilon prediction diffusers keeps the output's first channels (it slices 3,
+        for DeepFloyd IF's 3-channel samples; here the sample's channel count, which agrees wherever diffusers
+        runs): an output of the sample's channels or twice as many."""
         learned = self.config.variance_type in ("learned", "learned_range")
-        return 2 if learned and self.config.prediction_type == "epsilon" else 1
+        return (1, 2) if learned and self.config.prediction_type == "epsilon" else (1,)
 
     def _coef_table(self) -> np.ndarray:
         """Rows [step i, order - 1]: the model output converted at sigma_i (to x0 for DPM-Solver++, to eps
@@ -252,9 +283,11 @@ class DPMSolverMultistepScheduler(SigmaSchedulerBase):
         n = len(self._timestep_values)
         table = np.zeros((n, 3, coefs.NCOEF))
         for i in range(n):
-            a0, s0 = _alpha_sigma(float(sig[i]))
+            a0, s0 = _alpha_sigma(float(sig[i]), cfg.use_flow_sigmas)
             if self._noise_prediction:
                 convert = _eps_coefficients(cfg.prediction_type, a0, s0)
+            elif cfg.prediction_type == "flow_prediction":
+                convert = flow_x0(float(sig[i]))  # the schedule's own sigma, flow sigmas or not (as diffusers)
             else:
                 convert = vp_x0(cfg.prediction_type, a0, s0)
             for order in range(1, min(i + 1, 3) + 1):
@@ -266,9 +299,11 @@ class DPMSolverMultistepScheduler(SigmaSchedulerBase):
     def _fill_update(self, row, sig, i, order):
         """x_t = C_X x + c_d0 D0 + c_d1 D1 + c_d2 D2 + SIGMA z, with D1, D2 the divided differences of the history
         written out as multiples of m0, m1, m2 (C_0, H_1, H_2)."""
-        a_t, s_t = _alpha_sigma(float(sig[i + 1]))
-        a_0, s_0 = _alpha_sigma(float(sig[i]))
-        h = _lam(float(sig[i + 1])) - _lam(float(sig[i]))
+        flow = self.config.use_flow_sigmas
+        a_t, s_t = _alpha_sigma(float(sig[i + 1]), flow)
+        a_0, s_0 = _alpha_sigma(float(sig[i]), flow)
+        lam = [_lam(float(sig[k]), flow) if k >= 0 else math.nan for k in (i + 1, i, i - 1, i - 2)]
+        h = lam[0] - lam[1]
         c_x, c_d0, sigma = _first_order(self.config.algorithm_type, a_t, s_t, a_0, s_0, h)
         row[coefs.C_X], row[coefs.SIGMA] = c_x, sigma
         if order == 1:
@@ -279,14 +314,14 @@ class DPMSolverMultistepScheduler(SigmaSchedulerBase):
             return
         # 1 / r0 = h / h_0 and 1 / r1 = h / h_1: finite when h = 0 (final_sigmas_type="sigma_min" repeats the
         # last sigma), where diffusers' D1 = (1 / r0) (m0 - m1) vanishes and the step returns the sample
-        h_0 = _lam(float(sig[i])) - _lam(float(sig[i - 1]))
+        h_0 = lam[1] - lam[2]
         inv_r0 = _ratio(h, h_0)
         c_d1, c_d2 = _higher_order(self.config.algorithm_type, self.config.solver_type, order, a_t, s_t, h)
         if order == 2:  # D1 = (m0 - m1) / r0
             row[coefs.C_0] = c_d0 + c_d1 * inv_r0
             row[coefs.H_1] = -c_d1 * inv_r0
             return
-        h_1 = _lam(float(sig[i - 1])) - _lam(float(sig[i - 2]))
+        h_1 = lam[2] - lam[3]
         inv_r1 = _ratio(h, h_1)
         # D1 = (1 + k) D1_0 - k D1_1, D2 = q (D1_0 - D1_1), D1_0 = (m0 - m1) / r0, D1_1 = (m1 - m2) / r1,
         # with k = r0 / (r0 + r1) = h_0 / (h_0 + h_1) and q = 1 / (r0 + r1) = h / (h_0 + h_1)
@@ -342,8 +377,9 @@ class DPMSolverMultistepScheduler(SigmaSchedulerBase):
         cfg = self.config
         order = self._order_at(i, self.lower_order_nums)
         n = cfg.solver_order
-        m = model_output[:, : sample.shape[1]] if self._channel_factor() == 2 else model_output
-        hist = self._history(sample.shape, m.dtype, sample.device)
+        m = model_output[:, : sample.shape[1]] if model_output.shape[1] != sample.shape[1] else model_output
+        dtype = self._converted_dtype(m, sample)
+        hist = self._history(sample.shape, dtype, sample.device)
         return StepPlan(
             i,
             row=(i, order - 1),
@@ -352,14 +388,23 @@ class DPMSolverMultistepScheduler(SigmaSchedulerBase):
             model_output=m,
             hist=tuple(hist[(self._taken - k) % n] for k in range(1, order)),
             x0_out=hist[self._taken % n],
-            out_dtype=m.dtype,
-            x0_dtype=m.dtype,
+            out_dtype=dtype,
+            x0_dtype=dtype,
             thresholding=cfg.thresholding,
             # thresholding acts on x0, while DPM-Solver's history holds eps: the kernel row cannot express
             # eps -> x0 -> threshold -> eps, so that rare combination runs the reference step
             reference_only=cfg.thresholding and self._noise_prediction,
             state={"order": order},
         )
+
+    def _converted_dtype(self, m: torch.Tensor, sample: torch.Tensor) -> torch.dtype:
+        """The dtype of diffusers' converted model output, which its history holds and its step returns: the
+        model output's own where the conversion is the model output itself (x0 from "sample", eps from
+        "epsilon"), else promoted with the sample's (a bf16 transformer on float32 latents gives float32)."""
+        pred = self.config.prediction_type
+        if pred == ("epsilon" if self._noise_prediction else "sample"):
+            return m.dtype
+        return torch.promote_types(m.dtype, sample.dtype)
 
     def _advance(self, plan) -> None:
         if self.lower_order_nums < self.config.solver_order:
@@ -386,6 +431,7 @@ class DPMSolverMultistepScheduler(SigmaSchedulerBase):
             cfg.thresholding,
             cfg.dynamic_thresholding_ratio,
             cfg.sample_max_value,
+            flow=cfg.use_flow_sigmas,
         )
         self.model_outputs = self.model_outputs[1:] + [m]
         sig = [self.sigmas[i + 1], self.sigmas[i]] + [self.sigmas[i - k] for k in range(1, order)]
@@ -397,8 +443,9 @@ class DPMSolverMultistepScheduler(SigmaSchedulerBase):
             algorithm_type=cfg.algorithm_type,
             solver_type=cfg.solver_type,
             noise=noise,
+            flow=cfg.use_flow_sigmas,
         )
-        return prev.to(model_output.dtype), None
+        return prev.to(m.dtype), None
 
     def scale_model_input(self, sample: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return sample
@@ -410,7 +457,10 @@ class DPMSolverMultistepScheduler(SigmaSchedulerBase):
         return super()._first_index(timestep)
 
     def _add_noise_rows(self) -> np.ndarray:
+        """(alpha_t, sigma_t) per schedule step: noisy = alpha_t x + sigma_t noise."""
         sig = self._sigma_values.astype(np.float64)
+        if self.config.use_flow_sigmas:
+            return np.stack([1.0 - sig, sig], axis=1)
         alpha = 1.0 / np.sqrt(sig**2 + 1)
         return np.stack([alpha, sig * alpha], axis=1)
 
@@ -419,5 +469,5 @@ class DPMSolverMultistepScheduler(SigmaSchedulerBase):
         sigma = sigmas[index.to(x.device)].flatten()
         while sigma.ndim < x.ndim:
             sigma = sigma.unsqueeze(-1)
-        alpha_t, sigma_t = reference.alpha_sigma(sigma)
+        alpha_t, sigma_t = reference.alpha_sigma(sigma, flow=self.config.use_flow_sigmas)
         return alpha_t * x + sigma_t * noise

@@ -16,19 +16,11 @@ from ._registry import register
 from ._sigma import SigmaSchedulerBase
 
 EULER_PREDICTIONS = ("epsilon", "v_prediction", "sample", "original_sample")
-_COMPATIBLES = [
-    "DDIMScheduler",
-    "DDPMScheduler",
-    "EulerDiscreteScheduler",
-    "EulerAncestralDiscreteScheduler",
-    "DPMSolverMultistepScheduler",
-]
 
 
 class _EulerCommon(SigmaSchedulerBase):
     """What Euler and Euler a share: scale_model_input, init_noise_sigma, forward noising, outputs."""
 
-    _compatibles = _COMPATIBLES
     order = 1
 
     @property
@@ -43,9 +35,14 @@ class _EulerCommon(SigmaSchedulerBase):
     def scale_model_input(self, sample: torch.Tensor, timestep) -> torch.Tensor:
         """sample / sqrt(sigma^2 + 1): the VE sample rescaled to the model's unit-variance input."""
         i = self._locate(timestep)
-        sigma = torch.tensor(self._sigma_values[i])
         self.is_scale_input_called = True
-        return sample / ((sigma**2 + 1) ** 0.5)
+        return sample / self._cached(("input_scales",), self._input_scales)[i]
+
+    def _input_scales(self) -> list:
+        """sqrt(sigma^2 + 1) per step as Python floats, once per schedule, with torch's float32 ops as diffusers
+        forms it from its 0-d sigma (the same bits: torch's square root is not always correctly rounded, so
+        numpy's would differ by an ulp at some sigmas): one division per call instead of four tensor ops."""
+        return ((torch.from_numpy(self._sigma_values.astype(np.float32)) ** 2 + 1) ** 0.5).tolist()
 
     def _add_noise_rows(self) -> np.ndarray:
         rows = np.ones((len(self._sigma_values), 2))
@@ -59,7 +56,7 @@ class _EulerCommon(SigmaSchedulerBase):
             and self.timesteps.is_floating_point()
         ):
             raise ValueError(
-                "Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to `EulerDiscreteScheduler"
+                f"Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to `{type(self).__name__}"
                 ".step()` is not supported. Make sure to pass one of the `scheduler.timesteps` as a timestep."
             )
 
