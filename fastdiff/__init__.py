@@ -3,9 +3,10 @@
 Public API: drop-in schedulers named like diffusers' (every class in ``fastdiff.schedulers.SCHEDULERS``),
 the sampling loop (``sample``, ``GraphSampler``), many samples over torch.distributed (``generate``,
 ``load_samples``), the reference samplers (``fastdiff.reference``) and the
-custom ops (``fastdiff.ops``).
+custom ops (``fastdiff.ops``), and diffusers pipelines run through fastdiff (``fastdiff.integrations``).
 """
 
+from . import integrations  # diffusers pipelines; imports diffusers only when a pipeline runs
 from ._version import __version__
 from .generate import generate, load_samples  # the function and the module share a name: the function wins
 from .graph import GraphCaptureError, GraphSampler
@@ -22,6 +23,7 @@ __all__ = [
     "SchedulerOutput",
     "__version__",
     "generate",
+    "integrations",
     "load_samples",
     "release_cached_samplers",
     "sample",

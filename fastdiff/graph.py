@@ -24,11 +24,21 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
 from .loop import (
     adapter_for,
     as_fastdiff_scheduler,
+    check_device,
+    check_dtype,
+    check_finite_latents,
+    check_guidance,
     check_model_call,
+    check_model_kwargs,
+    check_shape,
+    check_step_kwargs,
+    check_steps,
     denoise,
     doubled_kwargs,
     initial_noise,
     model_device,
+    nonfinite_counts,
+    raise_if_nonfinite,
     schedule_key,
     set_schedule,
 )
@@ -80,6 +90,7 @@ class _Static:
     kwargs: dict  # conditioning (the doubled batch under guidance)
     shape: tuple
     dtype: torch.dtype
+    nonfinite: Optional[torch.Tensor] = None  # (steps, 4) int64 NaN/inf counts per step under check_finite
 
 
 @dataclass
@@ -111,6 +122,11 @@ class GraphSampler:
     model is called (SD3, Flux and Wan transformers are recognised by class; see ``fastdiff.sample``), and
     ``schedule_kwargs`` go to ``scheduler.set_timesteps`` (custom ``sigmas``, Flux's ``mu``).
     ``release()`` frees the graphs, their memory pool and the static buffers.
+
+    Needs a CUDA GPU (the model's device, or ``device``); ``shape`` and ``dtype`` follow ``fastdiff.sample``'s
+    rules, checked at construction. ``check_finite=True``: the captured loop also counts NaN/inf in every step's
+    model output and result into a device buffer, read once after each replay; a non-finite step raises
+    ``FloatingPointError`` naming the first one.
     """
 
     def __init__(
@@ -130,27 +146,44 @@ class GraphSampler:
         backend: Optional[str] = None,
         adapter=None,
         schedule_kwargs: Optional[dict] = None,
+        check_finite: bool = False,
     ):
-        if int(max_graphs) < 1:
-            raise ValueError(f"`max_graphs` must be at least 1, got {max_graphs!r}")
+        if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 1:
+            raise ValueError(f"`max_graphs` must be an int >= 1, got {max_graphs!r}")
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+            raise ValueError(f"`warmup` must be an int >= 0, got {warmup!r}")
         if fallback not in ("error", "eager"):
             raise ValueError(f"`fallback` must be 'error' or 'eager', got {fallback!r}")
+        if check_finite not in (True, False):
+            raise TypeError(f"`check_finite` must be True or False, got {check_finite!r}")
         if not callable(model):
             raise TypeError(f"`model` must be callable as model(x, t, **kwargs), got {type(model).__name__}")
+        check_guidance(guidance_scale, guidance_rescale)
         self.adapter = adapter_for(model, adapter)
         self.schedule_kwargs = dict(schedule_kwargs or {})
         self.model = model
         self.scheduler = as_fastdiff_scheduler(scheduler, backend)
-        self.shape = tuple(int(s) for s in shape)
-        self.dtype = dtype
-        self.num_inference_steps = num_inference_steps
+        self.shape = check_shape(shape)
+        self.dtype = check_dtype(dtype)
+        self.num_inference_steps = check_steps(num_inference_steps)
         self.guidance_scale = guidance_scale
         self.guidance_rescale = guidance_rescale
-        self.step_kwargs = dict(step_kwargs or {})
+        self.step_kwargs = check_step_kwargs(step_kwargs, self.scheduler)
         self.fallback = fallback
         self.max_graphs = max_graphs
         self.warmup = warmup
-        self.device = torch.device(device) if device is not None else model_device(model, "cuda")
+        self.check_finite = check_finite
+        if device is not None:
+            self.device = check_device(device)
+        else:
+            self.device = model_device(model, "cuda")
+            if self.device.type == "cuda" and not torch.cuda.is_available():
+                raise ValueError(
+                    f"GraphSampler captures the loop as a CUDA graph and needs a CUDA GPU; `model` "
+                    f"({type(model).__name__}) has no parameters, so its device defaulted to cuda, and this torch "
+                    f"sees no CUDA GPU (torch {torch.__version__}, torch.cuda.is_available() is False). On a CPU, "
+                    "run the loop eagerly with fastdiff.sample(model, scheduler, shape=...)"
+                )
         self._graphs: dict = {}
         self._pool = None
         self._eager_reason: Optional[str] = None
@@ -173,19 +206,33 @@ class GraphSampler:
     ) -> torch.Tensor:
         """Run the loop for new seeds or latents (and new conditioning / guidance scale): replays the graph
         captured for this key, capturing it first if needed. Returns a new tensor (B, C, ...)."""
-        shape = tuple(latents.shape) if latents is not None else tuple(shape or self.shape)
-        dtype = dtype or (latents.dtype if latents is not None else self.dtype)
-        steps = num_inference_steps or self.num_inference_steps
+        if latents is not None and not (isinstance(latents, torch.Tensor) and latents.is_floating_point()):
+            shown = f"a {latents.dtype} tensor" if isinstance(latents, torch.Tensor) else type(latents).__name__
+            raise TypeError(f"`latents` must be a floating-point tensor (the starting noise), got {shown}")
+        if latents is not None:
+            shape = check_shape(tuple(latents.shape), "latents")
+        else:
+            shape = self.shape if shape is None else check_shape(shape)
+        dtype = check_dtype(dtype or (latents.dtype if latents is not None else self.dtype))
+        steps = self.num_inference_steps if num_inference_steps is None else check_steps(num_inference_steps)
         g = self.guidance_scale if guidance_scale is None else guidance_scale
+        check_guidance(g, self.guidance_rescale)
         if seed is None and latents is None:
             raise ValueError("pass `seed` (Philox noise) or `latents` (the starting noise)")
         if g is not None and (model_kwargs is None or uncond_kwargs is None):
             raise ValueError("guidance needs `model_kwargs` and `uncond_kwargs`")
         if g is None and uncond_kwargs is not None:
             raise ValueError("`uncond_kwargs` is only used with a guidance scale")
+        check_model_kwargs(model_kwargs, "model_kwargs")
+        check_model_kwargs(uncond_kwargs, "uncond_kwargs")
         if self.device.type != "cuda":
-            raise ValueError(f"GraphSampler needs a CUDA model, the model is on {self.device}")
+            raise ValueError(
+                f"GraphSampler needs a CUDA model, the model is on {self.device}; on a CPU, run the loop eagerly "
+                "with fastdiff.sample(model, scheduler, shape=...)"
+            )
         check_model_call(self.adapter, self.model, shape, dict(model_kwargs or {}))
+        if self.check_finite and latents is not None:
+            check_finite_latents(latents)
         call_kwargs = (
             doubled_kwargs(dict(uncond_kwargs), dict(model_kwargs), shape[0], self.adapter.shared)
             if g is not None
@@ -211,6 +258,8 @@ class GraphSampler:
         self._load(entry.static, seeds, latents, g, call_kwargs)
         entry.graph.replay()
         entry.replays += 1
+        if entry.static.nonfinite is not None:
+            raise_if_nonfinite(entry.static.nonfinite, entry.static.scheduler)
         return entry.out.clone()
 
     def release(self) -> None:
@@ -243,6 +292,7 @@ class GraphSampler:
             kwargs=tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, call_kwargs),
             shape=tuple(shape),
             dtype=dtype,
+            nonfinite=nonfinite_counts(len(sched.timesteps), dev) if self.check_finite else None,
         )
 
     def _run(self, st: _Static) -> torch.Tensor:
@@ -262,6 +312,7 @@ class GraphSampler:
             noise_seed=st.seeds,
             step_kwargs=self.step_kwargs,
             adapter=self.adapter,
+            nonfinite=st.nonfinite,
         )
 
     @staticmethod
@@ -331,7 +382,7 @@ class GraphSampler:
             graph_bytes=torch.cuda.memory_reserved(dev) - reserved0,
             static_bytes=sum(
                 t.nbytes
-                for t in (st.latents, st.use_latents, st.seeds, st.guidance, out, *tree_leaves(st.kwargs))
+                for t in (st.latents, st.use_latents, st.seeds, st.guidance, st.nonfinite, out, *tree_leaves(st.kwargs))
                 if isinstance(t, torch.Tensor)
             ),
         )
@@ -362,7 +413,8 @@ class GraphSampler:
         if latents is None:
             latents = initial_noise(shape, dtype, self.device, seeds=seeds, backend=sched.backend)
         x = latents * sched.init_noise_sigma
-        return denoise(
+        counts = nonfinite_counts(len(sched.timesteps), self.device) if self.check_finite else None
+        out = denoise(
             self.model,
             sched,
             x,
@@ -372,7 +424,11 @@ class GraphSampler:
             noise_seed=seeds,
             step_kwargs=self.step_kwargs,
             adapter=self.adapter,
+            nonfinite=counts,
         )
+        if counts is not None:
+            raise_if_nonfinite(counts, sched)
+        return out
 
 
 __all__ = ["GraphSampler", "GraphCaptureError"]

@@ -10,6 +10,9 @@ exactly what that loop draws. Imports go one way: loop <- graph <- sampling.
 from __future__ import annotations
 
 import inspect
+import math
+import numbers
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -332,12 +335,14 @@ def denoise(
     callback: Optional[Callable] = None,
     check_output: bool = True,
     adapter: Optional[Adapter] = None,
+    nonfinite: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The loop body shared by ``sample`` and ``GraphSampler``: every step of ``scheduler.timesteps``.
 
     ``cond_kwargs`` are the model kwargs for the call (already doubled under guidance); ``noise_seed`` a
     device int64 tensor of per-sample seeds (Philox), or None to draw from ``generator`` like diffusers;
     ``adapter`` how the model is called (:func:`adapter_for`; the UNet-style call by default).
+    ``nonfinite``: a :func:`nonfinite_counts` buffer that each step fills on the device (``check_finite``).
     """
     cond_kwargs = cond_kwargs or {}
     step_kwargs = step_kwargs or {}
@@ -361,11 +366,50 @@ def denoise(
         if check_output and i == 0:
             _check_model_output(out, model_in, scheduler)
         latents = scheduler.step(out, t, latents, **kw).prev_sample
+        if nonfinite is not None:
+            nonfinite[i] = torch.stack(
+                [out.isnan().sum(), out.isinf().sum(), latents.isnan().sum(), latents.isinf().sum()]
+            )
         if callback is not None:
             callback(i, t, latents)
         if progress is not None:
             progress.update(1)
     return latents
+
+
+def nonfinite_counts(steps: int, device) -> torch.Tensor:
+    """The ``check_finite`` buffer: (steps, 4) int64 on the device, per step the NaN and inf counts of the model
+    output and of the step's result, written by device ops (no host sync in the loop; capturable)."""
+    return torch.zeros((steps, 4), dtype=torch.int64, device=device)
+
+
+def raise_if_nonfinite(counts: torch.Tensor, scheduler) -> None:
+    """After the loop, one host read of ``counts``: a FloatingPointError naming the first step whose model output
+    or result holds NaN or inf (every later step inherits them)."""
+    host = counts.cpu()
+    bad = (host.sum(dim=1) > 0).nonzero().flatten().tolist()
+    if not bad:
+        return
+    i = bad[0]
+    m_nan, m_inf, x_nan, x_inf = host[i].tolist()
+    where = f"step {i} of {len(host)} (timestep {scheduler.timesteps[i].item():g})"
+    if m_nan or m_inf:
+        what = f"the model output holds {m_nan} NaN and {m_inf} inf values, from a finite input"
+    else:
+        what = (
+            f"the step's result holds {x_nan} NaN and {x_inf} inf values, from a finite model output: the "
+            f"{type(scheduler).__name__} update overflowed or divided by zero there"
+        )
+    raise FloatingPointError(f"check_finite: {where}: {what}")
+
+
+def check_finite_latents(latents: torch.Tensor) -> None:
+    """``check_finite`` on the caller's starting noise (one host read, before the loop)."""
+    bad = (~torch.isfinite(latents)).sum().item()
+    if bad:
+        raise ValueError(
+            f"`latents` holds {bad} NaN or inf values of {latents.numel()}; expected finite starting noise"
+        )
 
 
 def _check_model_output(out: torch.Tensor, model_in: torch.Tensor, scheduler) -> None:
@@ -384,6 +428,106 @@ def _check_model_output(out: torch.Tensor, model_in: torch.Tensor, scheduler) ->
         )
 
 
+# Sample shapes the loop takes: batch first, 3 to 5 dimensions. A scheduler step is elementwise per sample,
+# so the layout of the rest is the model's business; 2-D (B, features) and 6-D+ shapes are no diffusion
+# model's latents and are refused rather than guessed at.
+SHAPE_DIMS = (3, 5)
+SHAPES_EXPECTED = (
+    "3 to 5 dimensions, batch first: (B, C, L) signals or packed transformer latents (B, tokens, C), "
+    "(B, C, H, W) images or latents, (B, C, F, H, W) video"
+)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_shape(shape, name: str = "shape") -> tuple:
+    """``shape`` as a tuple of ints, or a ValueError/TypeError naming ``name``, the value and what is expected."""
+    sizes_are_ints = isinstance(shape, (tuple, list, torch.Size)) and all(
+        hasattr(type(s), "__index__") and not isinstance(s, bool) for s in shape
+    )
+    if not sizes_are_ints:
+        raise TypeError(f"`{name}` must be a tuple of ints ({SHAPES_EXPECTED}), got {shape!r}")
+    dims = tuple(operator.index(s) for s in shape)
+    lo, hi = SHAPE_DIMS
+    if not lo <= len(dims) <= hi or any(s < 1 for s in dims):
+        raise ValueError(f"`{name}` must have {SHAPES_EXPECTED}, every size positive; got {dims}")
+    return dims
+
+
+def check_dtype(dtype, name: str = "dtype") -> torch.dtype:
+    if not isinstance(dtype, torch.dtype) or dtype not in DTYPES:
+        shown = dtype if isinstance(dtype, torch.dtype) else f"{type(dtype).__name__} {dtype!r}"
+        raise TypeError(f"`{name}` must be one of {', '.join(map(str, DTYPES))}, got {shown}")
+    return dtype
+
+
+def check_device(device, name: str = "device") -> torch.device:
+    """``device`` as a torch.device that this process can allocate on (a CUDA device needs a CUDA torch and a
+    visible GPU), or a ValueError saying why not."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"`{name}`={device!r} is not a device: {exc}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"`{name}` is {dev}, but this torch sees no CUDA GPU (torch.cuda.is_available() is False; "
+            f"torch {torch.__version__}, CUDA build: {torch.version.cuda or 'none'})"
+        )
+    try:
+        torch.empty(0, device=dev)
+    except (RuntimeError, AssertionError) as exc:
+        raise ValueError(f"`{name}` is {dev}, which this process cannot use: {exc}") from None
+    return dev
+
+
+def check_steps(num_inference_steps, name: str = "num_inference_steps") -> int:
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        raise ValueError(f"`{name}` must be an int >= 1, got {num_inference_steps!r}")
+    return num_inference_steps
+
+
+def check_guidance(guidance_scale, guidance_rescale) -> None:
+    if guidance_scale is not None and not _finite_number(guidance_scale):
+        raise ValueError(f"`guidance_scale` must be a finite number (or None: no guidance), got {guidance_scale!r}")
+    if not _finite_number(guidance_rescale) or not 0 <= guidance_rescale <= 1:
+        raise ValueError(f"`guidance_rescale` must be a number in [0, 1], got {guidance_rescale!r}")
+
+
+def _finite_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# the step arguments the loop passes itself
+_LOOP_STEP_ARGS = ("model_output", "timestep", "sample", "generator", "noise_seed", "return_dict", "guidance_scale")
+
+
+def check_step_kwargs(step_kwargs, scheduler) -> dict:
+    """``step_kwargs`` as a dict of the scheduler's own ``step`` options (DDIM's ``eta``, Euler's ``s_churn``)."""
+    if step_kwargs is None:
+        return {}
+    if not isinstance(step_kwargs, dict):
+        raise TypeError(f"`step_kwargs` must be a dict of {type(scheduler).__name__}.step options, got {step_kwargs!r}")
+    params = inspect.signature(scheduler.step).parameters
+    options = [k for k in params if k not in _LOOP_STEP_ARGS + ("guidance_rescale", "variance_noise")]
+    unknown = sorted(k for k in step_kwargs if k not in options)
+    if unknown:
+        raise ValueError(
+            f"`step_kwargs` has {unknown}, which {type(scheduler).__name__}.step does not take from the loop; "
+            f"expected some of {options}"
+        )
+    return dict(step_kwargs)
+
+
+def check_model_kwargs(value, name: str) -> None:
+    if value is not None and not isinstance(value, dict):
+        raise TypeError(f"`{name}` must be a dict of keyword arguments for the model, got {type(value).__name__}")
+
+
+def _check_generator(generator) -> None:
+    gens = generator if isinstance(generator, list) else [generator]
+    if generator is not None and not all(isinstance(g, torch.Generator) for g in gens):
+        raise TypeError(f"`generator` must be a torch.Generator or a list of them, got {generator!r}")
+
+
 def prepare(
     model,
     scheduler,
@@ -400,6 +544,8 @@ def prepare(
     device=None,
     backend=None,
     adapter=None,
+    guidance_rescale: float = 0.0,
+    step_kwargs: Optional[dict] = None,
 ) -> dict[str, Any]:
     """Validate ``sample``/``GraphSampler`` arguments; returns the pieces both need (``adapter``: how the model
     is called, see :func:`adapter_for`)."""
@@ -420,19 +566,25 @@ def prepare(
     if not callable(model):
         raise TypeError(f"`model` must be callable as model(x, t, **kwargs), got {type(model).__name__}")
     adapter = adapter_for(model, adapter)
+    check_steps(num_inference_steps)
+    check_guidance(guidance_scale, guidance_rescale)
+    check_model_kwargs(model_kwargs, "model_kwargs")
+    check_model_kwargs(uncond_kwargs, "uncond_kwargs")
+    _check_generator(generator)
     if latents is not None:
         if not isinstance(latents, torch.Tensor) or not latents.is_floating_point():
-            raise TypeError("`latents` must be a floating-point tensor")
-        shape = tuple(latents.shape)
-        device = latents.device if device is None else torch.device(device)
+            shown = f"a {latents.dtype} tensor" if isinstance(latents, torch.Tensor) else type(latents).__name__
+            raise TypeError(f"`latents` must be a floating-point tensor (the starting noise), got {shown}")
+        shape = check_shape(tuple(latents.shape), "latents")
+        device = latents.device if device is None else check_device(device)
         dtype = latents.dtype if dtype is None else dtype
     else:
-        shape = tuple(int(s) for s in shape)
-        if len(shape) < 2 or any(s < 1 for s in shape):
-            raise ValueError(f"`shape` must be (batch, channels, ...) with positive sizes, got {shape}")
-        device = model_device(model) if device is None else torch.device(device)
+        shape = check_shape(shape)
+        device = model_device(model) if device is None else check_device(device)
         dtype = model_dtype(model) if dtype is None else dtype
+    check_dtype(dtype)
     sched = as_fastdiff_scheduler(scheduler, backend)
+    step_kwargs = check_step_kwargs(step_kwargs, sched)
     batch = shape[0]
     model_kwargs = dict(model_kwargs or {})
     check_model_call(adapter, model, shape, model_kwargs)
@@ -450,4 +602,5 @@ def prepare(
         call_kwargs=call_kwargs,
         seeds=seeds,
         adapter=adapter,
+        step_kwargs=step_kwargs,
     )

@@ -10,7 +10,16 @@ import torch
 
 from . import ops
 from .graph import GraphSampler
-from .loop import denoise, initial_noise, prepare, schedule_key, set_schedule
+from .loop import (
+    check_finite_latents,
+    denoise,
+    initial_noise,
+    nonfinite_counts,
+    prepare,
+    raise_if_nonfinite,
+    schedule_key,
+    set_schedule,
+)
 from .progress import progress as progress_display
 
 _SAMPLERS: dict = {}
@@ -18,7 +27,17 @@ _MAX_SAMPLERS = 4
 
 
 def _cached_sampler(
-    model, scheduler, shape, dtype, steps, guidance_scale, guidance_rescale, step_kwargs, adapter, schedule_kwargs
+    model,
+    scheduler,
+    shape,
+    dtype,
+    steps,
+    guidance_scale,
+    guidance_rescale,
+    step_kwargs,
+    adapter,
+    schedule_kwargs,
+    check_finite,
 ):
     """GraphSamplers behind ``sample(graph=...)``, reused across calls for the same model, scheduler config
     and loop options (a capture costs about two eager loops). Each keeps its model alive; the oldest of more
@@ -33,6 +52,7 @@ def _cached_sampler(
         tuple(sorted((step_kwargs or {}).items())),
         adapter,
         schedule_key(schedule_kwargs),
+        check_finite,
     )
     sampler = _SAMPLERS.get(key)
     if sampler is not None:  # its model is alive (the sampler holds it), so id(model) names it
@@ -49,6 +69,7 @@ def _cached_sampler(
         fallback="eager",
         adapter=adapter,
         schedule_kwargs=schedule_kwargs,
+        check_finite=check_finite,
     )
     if len(_SAMPLERS) >= _MAX_SAMPLERS:
         _SAMPLERS.pop(next(iter(_SAMPLERS))).release()
@@ -85,8 +106,9 @@ def sample(
     backend: Optional[str] = None,
     adapter=None,
     schedule_kwargs: Optional[dict] = None,
+    check_finite: bool = False,
 ) -> torch.Tensor:
-    """Sample from ``model`` with ``scheduler``; returns the final sample (B, C, ...).
+    """Sample from ``model`` with ``scheduler``; returns the final sample, shaped like ``shape``.
 
     model: ``model(x, t, **kwargs)`` returning a tensor (diffusers UNets' ``.sample`` is unwrapped); t
     arrives as a device tensor. Either ``shape`` (starting noise drawn from ``generator``, like diffusers'
@@ -106,6 +128,12 @@ def sample(
     ``img_ids`` without a batch dimension, ``guidance`` for guidance-distilled models) and
     ``WanTransformer3DModel`` (latents (B, C, F, H, W)) get their timestep by name, expanded to the batch;
     anything else is called as ``model(x, t, **kwargs)``.
+
+    ``shape``/``latents``: 3 to 5 dimensions, batch first ((B, C, L) or packed (B, tokens, C), (B, C, H, W),
+    (B, C, F, H, W)); ``dtype``: float32, float16, bfloat16 or float64 (default: the model's). Every argument is
+    checked before the first model call; an error names the argument, the value and what was expected.
+    ``check_finite``: count NaN/inf in every step's model output and result on the device, and raise
+    ``FloatingPointError`` after the loop naming the first step that went non-finite (one host read).
     """
     p = prepare(
         model,
@@ -121,10 +149,19 @@ def sample(
         dtype=dtype,
         device=device,
         backend=backend,
+        guidance_rescale=guidance_rescale,
+        step_kwargs=step_kwargs,
         adapter=adapter,
     )
+    step_kwargs = p["step_kwargs"]
     if graph not in ("auto", True, False):
         raise ValueError(f"`graph` must be 'auto', True or False, got {graph!r}")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"`callback` must be callable as callback(i, t, latents), got {type(callback).__name__}")
+    if check_finite not in (True, False):
+        raise TypeError(f"`check_finite` must be True or False, got {check_finite!r}")
+    if check_finite and latents is not None:
+        check_finite_latents(latents)
     use_graph = graph is True or (
         graph == "auto" and p["device"].type == "cuda" and generator is None and callback is None
     )
@@ -148,6 +185,7 @@ def sample(
             step_kwargs,
             p["adapter"],
             schedule_kwargs,
+            check_finite,
         )
         return sampler(
             latents=latents,
@@ -167,9 +205,10 @@ def sample(
     else:
         latents = latents.to(dtype=p["dtype"])
     latents = latents * sched.init_noise_sigma
+    counts = nonfinite_counts(len(sched.timesteps), p["device"]) if check_finite else None
     bar = progress_display(len(sched.timesteps), desc=f"fastdiff [{backend_now}]", unit="step", enabled=progress)
     try:
-        return denoise(
+        out = denoise(
             model,
             sched,
             latents,
@@ -182,6 +221,10 @@ def sample(
             progress=bar,
             callback=callback,
             adapter=p["adapter"],
+            nonfinite=counts,
         )
     finally:
         bar.close()
+    if counts is not None:
+        raise_if_nonfinite(counts, sched)
+    return out

@@ -166,6 +166,7 @@ def test_one_process_matches_a_hand_run_chunk(reference):
         np.testing.assert_array_equal(images[rows], expected[: len(rows)], err_msg=f"chunk {k}")
 
 
+@pytest.mark.long  # torchrun / process starts: 35-60 s each on this 2-core machine
 @pytest.mark.parametrize("world", [2, 3])
 def test_processes_give_the_identical_file(tmp_path, reference, world):
     out = tmp_path / "out"
@@ -178,6 +179,7 @@ def test_processes_give_the_identical_file(tmp_path, reference, world):
         assert (size, generated, calls) == (world, NUM, len(range(rank, chunks, world)) * STEPS)
 
 
+@pytest.mark.long  # torchrun / process starts: 35-60 s each on this 2-core machine
 def test_killed_rank_resumes_to_the_identical_file(tmp_path, reference):
     out = tmp_path / "out"
     # rank 1 of 2 finishes chunk 1 (3 model calls), then dies on the second call of chunk 3
@@ -369,6 +371,7 @@ def readme_torchrun_command() -> list:
     return found[0].split("#")[0].split()
 
 
+@pytest.mark.long  # torchrun / process starts: 35-60 s each on this 2-core machine
 def test_readme_torchrun_command_as_written(tmp_path, cli_reference):
     """The README's command (2 processes, this job's settings appended: later options win) gives the same file as
     one process; rank 0 shows the progress of both ranks, in plain lines when piped."""
@@ -385,6 +388,7 @@ def test_readme_torchrun_command_as_written(tmp_path, cli_reference):
     assert "on 2 processes" in r.stdout
 
 
+@pytest.mark.long  # torchrun / process starts: 35-60 s each on this 2-core machine
 def test_ctrl_c_resumes_to_the_identical_file(tmp_path, cli_reference, capsys):
     out = tmp_path / "job"
     args = ["generate", *CLI_JOB, "--out-dir", str(out)]

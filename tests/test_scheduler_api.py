@@ -193,7 +193,7 @@ def test_bad_step_inputs(name):
         f.step(torch.randn(3, 3, 4, 4), f.timesteps[0], x, guidance_scale=2.0)
     with pytest.raises(ValueError, match="`timestep` must be a scalar"):
         f.step(x, f.timesteps[:2], x)
-    with pytest.raises(ValueError, match="`seed` must give one seed per sample"):
+    with pytest.raises(ValueError, match="`noise_seed` must give one seed per sample"):
         f.step(x, f.timesteps[0], x, noise_seed=[1, 2, 3], **({"eta": 1.0} if name == "DDIMScheduler" else {}))
 
 

@@ -202,6 +202,8 @@ class SchedulerBase(ConfigMixin):
         """What every ``step`` does: validate, locate the step, plan it (the sampler's hook), draw its noise,
         then one fused call on the backend ``ops.select`` picks, or the sampler's reference step."""
         batch = self._validate_step(model_output, sample, guidance_scale)
+        if noise_seed is not None:  # at every step, also one that draws no noise: a bad seed must not pass silently
+            check_noise_seed(noise_seed, batch)
         if variance_noise is not None and generator is not None:
             raise ValueError("pass either `generator` or `variance_noise`, not both")
         i = self._locate(timestep)
@@ -448,6 +450,22 @@ class StepPlan:
 def _empty_like(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A contiguous output like ``t`` (``torch.empty_like`` costs ~3 us here, ``torch.empty(shape)`` ~8 us)."""
     return torch.empty_like(t, dtype=dtype, memory_format=torch.contiguous_format)
+
+
+def check_noise_seed(noise_seed, batch: int) -> None:
+    """``noise_seed``: an int (seeds noise_seed .. noise_seed + B - 1), B ints, or an integer tensor of B seeds."""
+    if isinstance(noise_seed, torch.Tensor):
+        ints, count = noise_seed.dtype in (torch.int64, torch.int32), noise_seed.numel()
+        shown = f"a {noise_seed.dtype} tensor of {count} elements"
+    elif isinstance(noise_seed, (list, tuple)):
+        ints, count, shown = all(type(s) is int for s in noise_seed), len(noise_seed), repr(noise_seed)
+    else:
+        ints, count, shown = type(noise_seed) is int, batch, repr(noise_seed)
+    expected = f"an int, a list of {batch} ints or an int64 tensor of {batch} seeds (one per sample)"
+    if not ints:
+        raise TypeError(f"`noise_seed` must be {expected}, got {shown}")
+    if count != batch:
+        raise ValueError(f"`noise_seed` must give one seed per sample: batch is {batch}, got {shown}")
 
 
 def to_device(host: torch.Tensor, device) -> torch.Tensor:
