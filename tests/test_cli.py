@@ -104,7 +104,7 @@ def main(*args):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--sampler", "plms"], "invalid choice: 'plms'"),
+        (["--sampler", "heun"], "invalid choice: 'heun'"),
         (["--steps", "0"], "--steps must be >= 1"),
         (["--steps", "2000"], "--steps 2000"),
         (["--out", "/nonexistent-dir/x.png"], "does not exist"),

@@ -171,6 +171,20 @@ KNOBS["UniPCMultistepScheduler"] = {
     "sigma_max": st.none(),
     "shift_terminal": st.none(),
 }
+KNOBS["PNDMScheduler"] = {
+    **{k: v for k, v in _betas.items() if k != "rescale_betas_zero_snr"},
+    "skip_prk_steps": _flag,
+    "set_alpha_to_one": _flag,
+    "prediction_type": st.sampled_from(["epsilon", "v_prediction"]),
+}
+KNOBS["LCMScheduler"] = {
+    **_betas,
+    **_clipping,
+    "original_inference_steps": st.sampled_from([50, 50, 12, 7]),
+    "set_alpha_to_one": _flag,
+    "prediction_type": st.sampled_from(["epsilon", "sample", "v_prediction"]),
+    "timestep_scaling": st.sampled_from([10.0]) | st.floats(1.0, 20.0),
+}
 STEP_KNOBS = {
     "DDPMScheduler": {},
     "DDIMScheduler": {
@@ -193,6 +207,8 @@ STEP_KNOBS = {
         "per_token_timesteps": st.none(),
     },
     "UniPCMultistepScheduler": {},
+    "PNDMScheduler": {},
+    "LCMScheduler": {},
 }
 # set_timesteps(timesteps=...) / (sigmas=...) where the scheduler takes them
 CUSTOM = {
@@ -203,6 +219,8 @@ CUSTOM = {
     "DPMSolverMultistepScheduler": ("timesteps",),
     "FlowMatchEulerDiscreteScheduler": ("timesteps", "sigmas"),
     "UniPCMultistepScheduler": ("sigmas",),
+    "PNDMScheduler": (),
+    "LCMScheduler": ("timesteps",),
 }
 NAMES = sorted(SCHEDULERS)
 
@@ -242,6 +260,8 @@ def _coherent(name: str, cfg: dict) -> dict:
         # zero terminal SNR makes x0 = (x - eps) / sqrt(abar) undefined at abar = 0 (inf in both libraries): it
         # is meant for v-prediction, as diffusers' docs say
         cfg["prediction_type"] = "v_prediction"
+    if name == "LCMScheduler":  # LCM's training schedule: every (T // original_inference_steps)-th step
+        cfg["original_inference_steps"] = min(cfg["original_inference_steps"], cfg["num_train_timesteps"])
     if name == "DPMSolverMultistepScheduler":
         if cfg["algorithm_type"] in ("dpmsolver", "sde-dpmsolver"):
             cfg["final_sigmas_type"] = "sigma_min"  # required by both (their update divides by sigma = 0)
@@ -272,7 +292,8 @@ def scheduler_cases(draw, name: str):
         values = draw(st.lists(st.floats(0.02, 30.0), min_size=1, max_size=8, unique=True))
         set_kwargs = {"sigmas": sorted(values, reverse=True) + [draw(st.sampled_from([0.0, 0.01]))]}
     else:
-        set_kwargs = {"num_inference_steps": draw(st.integers(1, min(T, 12)))}
+        most = min(T, 12, cfg.get("original_inference_steps", T))  # LCM samples from its training schedule
+        set_kwargs = {"num_inference_steps": draw(st.integers(1, most))}
     if cfg.get("use_dynamic_shifting"):
         set_kwargs["mu"] = draw(st.floats(0.2, 1.5))  # what calculate_shift gives for 256-4096 tokens
     return cfg, set_kwargs, step_kwargs

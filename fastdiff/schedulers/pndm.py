@@ -323,7 +323,9 @@ class PNDMScheduler(SchedulerBase):
         element of ``self.timesteps`` (no host sync) or an int. Returns ``SchedulerOutput`` or ``(prev_sample,)``."""
         self._check_ready()
         kind = self._kind(self.counter)
-        return self._pndm_step(kind, model_output, timestep, sample, return_dict, guidance_scale, guidance_rescale)
+        return self._pndm_step(
+            kind, model_output, timestep, sample, return_dict, guidance_scale, guidance_rescale, noise_seed
+        )
 
     def step_prk(
         self,
@@ -340,7 +342,9 @@ class PNDMScheduler(SchedulerBase):
         """One Runge-Kutta stage (Liu et al. 2022, Algorithm 2): four calls per interval, at its start, twice at
         its midpoint and at its end, all transferred from the interval's starting sample ``cur_sample``."""
         self._check_ready()
-        return self._pndm_step("prk", model_output, timestep, sample, return_dict, guidance_scale, guidance_rescale)
+        return self._pndm_step(
+            "prk", model_output, timestep, sample, return_dict, guidance_scale, guidance_rescale, noise_seed
+        )
 
     def step_plms(
         self,
@@ -357,9 +361,14 @@ class PNDMScheduler(SchedulerBase):
         """One linear multistep step (eq. 12): the transfer with the Adams-Bashforth combination of this and up
         to three kept model outputs. Raises ValueError without ``skip_prk_steps`` before the warm-up is done."""
         self._check_ready()
-        return self._pndm_step("plms", model_output, timestep, sample, return_dict, guidance_scale, guidance_rescale)
+        return self._pndm_step(
+            "plms", model_output, timestep, sample, return_dict, guidance_scale, guidance_rescale, noise_seed
+        )
 
-    def _pndm_step(self, kind, model_output, timestep, sample, return_dict, guidance_scale, guidance_rescale):
+    def _pndm_step(
+        self, kind, model_output, timestep, sample, return_dict, guidance_scale, guidance_rescale, noise_seed
+    ):
+        # noise_seed draws nothing here (PNDM is deterministic) but is checked like every scheduler's
         return self._step(
             model_output,
             timestep,
@@ -368,6 +377,7 @@ class PNDMScheduler(SchedulerBase):
             return_dict=return_dict,
             guidance_scale=guidance_scale,
             guidance_rescale=guidance_rescale,
+            noise_seed=noise_seed,
         )
 
     def _check_ready(self) -> None:
