@@ -36,12 +36,14 @@ def _per_sample(v: Tensor, like: Tensor) -> Tensor:
 
 class _Row:
     """One coefficient row: ``value(k)`` a Python float where the host knows it (None on CUDA, where reading
-    it would sync), ``scalar(k)`` a 0-d view of the row for multiplications."""
+    it would sync), ``scalar(k)`` a 0-d float32 tensor of it for multiplications: a view of the device row, or
+    on the CPU a tensor of its own made from the value (the same float32 bits), so that a program built from
+    a row's values serves every row with those values."""
 
-    def __init__(self, p):
-        self.coef = p.coef.reshape(-1)
-        if p.coef_values is not None:
-            self.values = p.coef_values
+    def __init__(self, coef: Optional[Tensor], values=None):
+        self.coef = coef.reshape(-1) if coef is not None else None
+        if values is not None:
+            self.values = values
         elif self.coef.device.type == "cpu":
             self.values = self.coef.tolist()
         else:
@@ -57,6 +59,8 @@ class _Row:
         return c is not None and c == v
 
     def scalar(self, k: int) -> Tensor:
+        if self.coef is None:
+            return torch.tensor(self.values[k], dtype=torch.float32)
         return self.coef[k]
 
 
@@ -123,27 +127,30 @@ def _buffer(out: Optional[Tensor], like: Tensor) -> Tensor:
     return out if out is not None and out.dtype == torch.float32 else torch.empty_like(like)
 
 
-# programs per coefficient row, then per call shape (flags); a row holds one program per combination of inputs
-# and outputs it is called with. Keyed by the row view's id with a weak reference that drops the entry when the
-# view dies (a schedule's row views live as long as its tables); not a WeakKeyDictionary, which compares keys
-# with ``==`` (elementwise on tensors).
-_PROGRAMS: dict = {}
+# Programs, then one per call shape (flags). On the CPU a program owns its scalars and is keyed by the row's
+# values: every schedule with the same numbers (a loop calling set_timesteps before each batch) reuses the
+# programs of the first, and building one (~20-40 us) is paid once per distinct row rather than per step of every
+# walk. Bounded: cleared when full. Elsewhere (CUDA rows, whose values the host does not read) a program holds
+# views of its row and is keyed by the row view's id, with a weak reference that drops the entry when the view
+# dies (not a WeakKeyDictionary, which compares keys with ``==``, elementwise on tensors).
+_BY_VALUES: dict = {}
+_BY_VALUES_MAX = 4096
+_BY_ROW: dict = {}
 
 
 def _programs_for(coef: Tensor) -> dict:
     key = id(coef)
-    entry = _PROGRAMS.get(key)
+    entry = _BY_ROW.get(key)
     if entry is not None and entry[0]() is coef:
         return entry[1]
     programs: dict = {}
-    _PROGRAMS[key] = (weakref.ref(coef, lambda _ref, key=key: _PROGRAMS.pop(key, None)), programs)
+    _BY_ROW[key] = (weakref.ref(coef, lambda _ref, key=key: _BY_ROW.pop(key, None)), programs)
     return programs
 
 
 def fused_step(p) -> None:
     """Evaluate one ``fastdiff.ops.StepParams`` with torch ops (see ``fastdiff.coefs`` for the formula)."""
     flags = (
-        p.coef._version,  # an in-place change of the row makes a new program
         int(p.noise_mode),
         p.thresh is not None,
         p.clip_range > 0,
@@ -153,10 +160,21 @@ def fused_step(p) -> None:
         p.corr is not None,
         len(p.hist),
     )
-    programs = _programs_for(p.coef)
-    program = programs.get(flags)
-    if program is None:
-        program = programs[flags] = _Program(_Row(p), flags)
+    coef = p.coef
+    if coef.device.type == "cpu":
+        values = p.coef_values if p.coef_values is not None else coef.reshape(-1).tolist()
+        key = (tuple(values), flags)
+        program = _BY_VALUES.get(key)
+        if program is None:
+            if len(_BY_VALUES) >= _BY_VALUES_MAX:
+                _BY_VALUES.clear()
+            program = _BY_VALUES[key] = _Program(_Row(None, key[0]), flags)
+    else:
+        programs = _programs_for(coef)
+        key = (coef._version, flags)  # an in-place change of the row makes a new program
+        program = programs.get(key)
+        if program is None:
+            program = programs[key] = _Program(_Row(coef), flags)
     program.run(p)
 
 
@@ -164,7 +182,7 @@ class _Program:
     """The step's formula for one row and one call shape, with every term that is a host zero dropped."""
 
     def __init__(self, r: _Row, flags):
-        _, noise, thresh, clip, write_x0, want_prev, has_last, _, nhist = flags
+        noise, thresh, clip, write_x0, want_prev, has_last, _, nhist = flags
         self.r = r
         hist = ("h1", "h2", "h3")[:nhist]
         self.xh = _Sum(r, [(None, "x"), (coefs.K_PRE, "z")]) if noise != NoiseMode.NONE else None

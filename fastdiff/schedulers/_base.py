@@ -54,9 +54,9 @@ class SchedulerBase(ConfigMixin):
         dtype = torch.int64 if np.issubdtype(timesteps.dtype, np.integer) else torch.float32
         self.timesteps = torch.from_numpy(np.ascontiguousarray(timesteps)).to(dtype=dtype, device=device)
         self._timestep_values = timesteps
-        self._index_of = {}
-        for i, t in enumerate(timesteps.tolist()):
-            self._index_of.setdefault(t, i)
+        values = timesteps.tolist()
+        # value -> first index (later entries of the reversed walk overwrite: the smallest index wins)
+        self._index_of = dict(zip(reversed(values), range(len(values) - 1, -1, -1)))
         self._tables = {}
         self._device_cache = {}
         self._env = ops.environment()  # FASTDIFF_BACKEND and TRITON_INTERPRET, read once per schedule
@@ -117,17 +117,8 @@ class SchedulerBase(ConfigMixin):
 
     def _device_table(self, key, device) -> torch.Tensor:
         """The float32 coefficient table for ``key`` on ``device``, built once per set_timesteps."""
-        device = torch.device(device)
-        full_key = (key, device)
-        table = self._tables.get(full_key)
-        if table is None:
-            host = self._tables.get((key, None))
-            if host is None:
-                host = self._coef_table(*key)
-                self._tables[(key, None)] = host
-            table = to_device(torch.from_numpy(host.astype(np.float32)), device)
-            self._tables[full_key] = table
-        return table
+        self._row(key, 0, device)
+        return self._tables[(key, torch.device(device))]
 
     def _row(self, key, row, device) -> tuple:
         """(device row, its values as Python floats) of table ``key`` at ``row`` (an index, or a tuple for a
@@ -135,11 +126,7 @@ class SchedulerBase(ConfigMixin):
         in two calls, so a step pays one dict lookup."""
         rows = self._device_cache.get(("rows", key, device))
         if rows is None:
-            table = self._device_table(key, device)
-            host = self._tables[(key, None)]
-            flat = host.reshape(-1, coefs.NCOEF).astype(np.float32)
-            rows = (host.shape[:-1], table.reshape(-1, coefs.NCOEF).unbind(0), flat.tolist())
-            self._device_cache[("rows", key, device)] = rows
+            rows = self._device_cache[("rows", key, device)] = self._make_rows(key, device)
         shape, views, values = rows
         k = row if isinstance(row, int) else int(np.ravel_multi_index(row, shape))
         return views[k], values[k]
@@ -152,6 +139,30 @@ class SchedulerBase(ConfigMixin):
         if backend is None:
             backend = self._device_cache[key] = ops.select(self.backend, device, x_dtype, ins, outs, env=self._env)
         return backend
+
+    def _make_rows(self, key, device) -> tuple:
+        """(table shape, row views, row values) of table ``key`` on ``device``. A schedule whose table has the
+        same float32 values as an earlier one of this scheduler (a loop calling set_timesteps before each batch)
+        gets the earlier device table and views back: no upload, no new views, and the torch backend's programs
+        (keyed by row values) carry over."""
+        host = self._tables.get((key, None))
+        if host is None:
+            host = self._tables[(key, None)] = self._coef_table(*key)
+        flat = host.reshape(-1, coefs.NCOEF).astype(np.float32)
+        memo = self.__dict__.setdefault("_rows_memo", {})
+        device = torch.device(device)
+        fingerprint = (host.shape, flat.tobytes())
+        hit = memo.get((key, device))
+        if hit is not None and hit[0] == fingerprint:
+            table, rows = hit[1], hit[2]
+        else:
+            table = to_device(torch.from_numpy(flat.reshape(host.shape)), device)
+            rows = (host.shape[:-1], table.reshape(-1, coefs.NCOEF).unbind(0), flat.tolist())
+            if len(memo) >= 8:
+                memo.clear()
+            memo[(key, device)] = (fingerprint, table, rows)
+        self._tables[(key, device)] = table
+        return rows
 
     def _cached(self, key, make):
         value = self._device_cache.get(key)
