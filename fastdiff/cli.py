@@ -95,6 +95,9 @@ COSINE_OVERRIDES = {
     "UniPCMultistepScheduler": {"timestep_spacing": "leading"},
 }
 
+# the sampler of flow-matching models (x = (1 - sigma) x0 + sigma noise, velocity prediction)
+FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler"
+
 # `fastdiff sample` runs at most this many pixels (batch x height x width) per batch when --batch-size is not
 # given: 256 digits of 16x16. The digits model's peak memory grows by ~0.4 MiB per sample (CPU, fp32: +270 MiB at
 # batch 256, +565 MiB at 1024 over the process's base), so a default batch stays near 100 MiB of work.
@@ -166,8 +169,8 @@ def _set_threads(threads: int, device) -> None:
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What a --model needs before its weights are loaded: its kind ('digits', 'pipeline' or 'unet'), scheduler
-    config, one sample's (C, H, W) and whether it takes class labels."""
+    """What a --model needs before its weights are loaded: its kind ('digits', 'digits-flow', 'pipeline' or
+    'unet'), scheduler config, one sample's (C, H, W) and whether it takes class labels."""
 
     spec: str
     kind: str
@@ -203,8 +206,13 @@ def _model_info(spec: str) -> ModelInfo:
 
         chw = (digits.CHANNELS, digits.IMAGE_SIZE, digits.IMAGE_SIZE)
         return ModelInfo(spec, "digits", dict(digits.SCHEDULER_CONFIG), chw, True)
+    if spec == "digits-flow":
+        from .models import digits
+
+        chw = (digits.CHANNELS, digits.IMAGE_SIZE, digits.IMAGE_SIZE)
+        return ModelInfo(spec, "digits-flow", dict(digits.FLOW_SCHEDULER_CONFIG), chw, True)
     if not os.path.isdir(spec):
-        raise UsageError(f"--model {spec}: not 'digits' and not a local folder")
+        raise UsageError(f"--model {spec}: not 'digits', not 'digits-flow' and not a local folder")
     import importlib.util
 
     if importlib.util.find_spec("diffusers") is None:
@@ -232,6 +240,10 @@ def _load_model(info: ModelInfo, device, dtype):
         from .models import digits
 
         return digits.load_default_model(device=device, dtype=dtype)
+    if info.kind == "digits-flow":
+        from .models import digits
+
+        return digits.load_flow_model(device=device, dtype=dtype)
     import diffusers
 
     try:
@@ -249,11 +261,52 @@ def _load_model(info: ModelInfo, device, dtype):
 # ----------------------------------------------------------------------------------------------- sampler
 
 
+def _is_flow_preset(preset) -> bool:
+    """Whether a preset samples velocity (flow-matching) models only: FlowMatchEuler's, or a solver's flow mode."""
+    return preset.scheduler == FLOW_SCHEDULER or preset.config.get("prediction_type") == "flow_prediction"
+
+
+def _flow_presets(presets) -> list:
+    """The sampler presets that can sample the flow-matching digits model: the flow presets (FlowMatchEuler's,
+    dpm++2m-flow), and those of a solver that ``FLOW_MODE_OVERRIDES`` puts in flow mode that pick no other sigma
+    spacing (diffusers' UniPC takes Karras / exponential / beta sigmas before flow sigmas, from the DDPM betas:
+    wrong for a flow model)."""
+    from .models.digits import FLOW_MODE_OVERRIDES
+
+    other_sigmas = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+    return sorted(
+        p.name
+        for p in presets.values()
+        if _is_flow_preset(p) or (p.scheduler in FLOW_MODE_OVERRIDES and not any(p.config.get(k) for k in other_sigmas))
+    )
+
+
+def _preset(args, info: ModelInfo):
+    """The sampler preset of --sampler (default: flow-euler for the flow model, ddim otherwise), checked against
+    what the model predicts: a flow model takes only flow samplers, an epsilon/v/x0 model no flow preset."""
+    from .schedulers import PRESETS
+
+    flow = info.kind == "digits-flow"
+    if args.sampler is None:
+        args.sampler = "flow-euler" if flow else "ddim"
+    preset = PRESETS[args.sampler]
+    if flow and args.sampler not in _flow_presets(PRESETS):
+        raise UsageError(
+            f"--sampler {args.sampler}: {preset.scheduler} does not sample the flow-matching model {args.model} "
+            f"(it predicts the velocity noise - x0); expected one of {', '.join(_flow_presets(PRESETS))}"
+        )
+    predicts = info.sched_config.get("prediction_type")
+    if _is_flow_preset(preset) and predicts in ("epsilon", "v_prediction", "sample"):
+        raise UsageError(
+            f"--sampler {args.sampler}: a flow-matching sampler, but --model {args.model} predicts {predicts!r}; "
+            "use --model digits-flow, or another sampler"
+        )
+    return preset
+
+
 def _scheduler(args, info: ModelInfo):
     """(scheduler with --steps set, step kwargs) for --sampler, --eta, --guidance and --backend."""
-    from . import schedulers
-
-    preset = schedulers.PRESETS[args.sampler]
+    preset = _preset(args, info)
     name, overrides, step_kwargs = preset.scheduler, dict(preset.config), dict(preset.step_kwargs)
     if args.eta is not None:
         if name != "DDIMScheduler":
@@ -263,10 +316,17 @@ def _scheduler(args, info: ModelInfo):
         # with clip_sample, DDIM's direction term must use the clipped x0 under guidance: the digits model
         # scores 0.50 mean top-class probability at scale 3 without it, 0.997 with it (MODEL_CARD.md)
         step_kwargs["use_clipped_model_output"] = True
-    if info.sched_config.get("beta_schedule") == "squaredcos_cap_v2":
+    config = info.sched_config
+    if config.get("beta_schedule") == "squaredcos_cap_v2":
         overrides = {**COSINE_OVERRIDES.get(name, {}), **overrides}
+    if info.kind == "digits-flow" and name != FLOW_SCHEDULER:
+        from .models.digits import FLOW_MODE_OVERRIDES
+
+        # the solver's own config in flow mode, not FlowMatchEuler's (whose `shift` it would warn about)
+        config = {"num_train_timesteps": config["num_train_timesteps"]}
+        overrides = {**FLOW_MODE_OVERRIDES.get(name, {}), **overrides}
     backend = None if args.backend == "auto" else args.backend
-    scheduler = preset.cls.from_config(info.sched_config, **overrides, backend=backend)
+    scheduler = preset.cls.from_config(config, **overrides, backend=backend)
     try:
         scheduler.set_timesteps(args.steps)
     except ValueError as exc:
@@ -351,8 +411,8 @@ def _check_outputs(args) -> None:
         if not args.save_array.endswith(".npy"):
             raise UsageError(f"--save-array {args.save_array}: expected a .npy file name (numpy's format)")
     if args.judge:
-        if args.model != "digits":
-            raise UsageError("--judge scores digits: it needs --model digits")
+        if args.model not in ("digits", "digits-flow"):
+            raise UsageError("--judge scores digits: it needs --model digits or digits-flow")
         try:
             import sklearn  # noqa: F401
         except ImportError as exc:
@@ -642,14 +702,15 @@ def generate_cmd(args) -> int:
 def _model_id(info: ModelInfo) -> str | None:
     """The embedded model by the hash of its weights file (hashing the loaded tensors gives the same answer
     slower); a folder's model: None, so generate() hashes its loaded weights."""
-    if info.kind != "digits":
+    if info.kind not in ("digits", "digits-flow"):
         return None
     import hashlib
 
     from .models import digits
 
-    with open(digits.WEIGHTS_PATH, "rb") as fh:
-        return "digits:sha256:" + hashlib.sha256(fh.read()).hexdigest()
+    path = digits.FLOW_WEIGHTS_PATH if info.kind == "digits-flow" else digits.WEIGHTS_PATH
+    with open(path, "rb") as fh:
+        return f"{info.kind}:sha256:" + hashlib.sha256(fh.read()).hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------- parser
@@ -673,9 +734,16 @@ def _add_model_args(p, sample_defaults: bool) -> None:
     from .schedulers import PRESETS
 
     p.add_argument(
-        "--model", default="digits", help="'digits' (embedded) or a local diffusers pipeline/UNet2DModel folder"
+        "--model",
+        default="digits",
+        help="'digits' or 'digits-flow' (embedded; flow matching) or a local diffusers pipeline/UNet2DModel folder",
     )
-    p.add_argument("--sampler", choices=sorted(PRESETS), default="ddim", help="sampler preset")
+    p.add_argument(
+        "--sampler",
+        choices=sorted(PRESETS),
+        default=None,
+        help="sampler preset (default: ddim; digits-flow: flow-euler)",
+    )
     p.add_argument("--steps", type=_positive_int("--steps"), default=50, help="denoising steps")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--backend", choices=list(ops.BACKENDS), default="auto", help="step kernel")

@@ -16,8 +16,16 @@ replaced by ``NULL_CLASS`` with probability ``--p-uncond`` (classifier-free guid
 with linear warm-up and cosine decay, an EMA of the weights (the EMA weights are what is saved), fixed
 seed. No horizontal flips (digits are not mirror-symmetric); optional +-1 pixel shifts (``--shift``).
 
-Writes fp32 safetensors (the package's ``fastdiff/models/digits_unet.safetensors`` by default) and
-prints the final loss. Runs on a CPU in minutes: ``python scripts/train_digits.py``.
+``--objective flow`` trains the flow-matching model ``digits-flow`` instead (rectified flow, diffusers'
+``FlowMatchEulerDiscreteScheduler`` convention): ``x_sigma = (1 - sigma) x0 + sigma noise``, the model sees the
+timestep ``sigma * 1000`` and predicts the velocity ``v = noise - x0``; the loss is
+``|| v - model(x_sigma, 1000 sigma, y) ||^2``.
+``sigma`` is drawn per sample by ``--sigma-sampling``: ``logit-normal`` (``sigmoid(N(0, 1))``, SD3's choice: most
+samples at mid noise, where the digit's shape is decided) or ``uniform``; ``MODEL_CARD.md`` has the comparison.
+
+Writes fp32 safetensors (the package's ``fastdiff/models/digits_unet.safetensors``, or ``digits_flow.safetensors``
+for ``--objective flow``, by default) and prints the final loss. Runs on a CPU in minutes:
+``python scripts/train_digits.py`` (``--objective flow`` for the flow model).
 """
 
 from __future__ import annotations
@@ -39,11 +47,16 @@ if str(ROOT) not in sys.path:
 
 from fastdiff.models.digits import (  # noqa: E402
     DEFAULT_CONFIG,
+    FLOW_MODEL_CONFIG,
+    FLOW_WEIGHTS_PATH,
     NULL_CLASS,
     SCHEDULER_CONFIG,
     WEIGHTS_PATH,
     DigitsUNet,
 )
+
+OBJECTIVES = ("epsilon", "flow")
+SIGMA_SAMPLINGS = ("logit-normal", "uniform")
 
 
 def make_betas(config: dict) -> torch.Tensor:
@@ -74,6 +87,40 @@ def q_sample(
     """Forward diffusion ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise`` for (B,) timesteps ``t``."""
     abar = alphas_cumprod[t].view(-1, 1, 1, 1)
     return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+
+
+def flow_sample(x0: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Rectified-flow interpolation ``x_sigma = (1 - sigma) x0 + sigma noise`` for (B,) ``sigma`` in [0, 1]."""
+    s = sigma.view(-1, 1, 1, 1)
+    return (1 - s) * x0 + s * noise
+
+
+def draw_sigmas(n: int, sampling: str, gen: torch.Generator, device) -> torch.Tensor:
+    """(n,) fp32 training sigmas in (0, 1): ``"uniform"``, or ``"logit-normal"`` (``sigmoid(z)``, z ~ N(0, 1))."""
+    if sampling == "uniform":
+        return torch.rand(n, generator=gen, device=device)
+    if sampling == "logit-normal":
+        return torch.sigmoid(torch.randn(n, generator=gen, device=device))
+    raise ValueError(f"sigma_sampling must be one of {SIGMA_SAMPLINGS}, got {sampling!r}")
+
+
+def noised_and_target(
+    objective: str,
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    t: torch.Tensor,
+    alphas_cumprod: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(model input, model timestep, regression target) for a batch.
+
+    ``"epsilon"``: ``t`` are int64 timesteps 0..T-1, the target is ``noise``. ``"flow"``: ``t`` are fp32 sigmas in
+    [0, 1], the model sees ``1000 sigma`` and the target is the velocity ``noise - x0``.
+    """
+    if objective == "epsilon":
+        return q_sample(x0, t, noise, alphas_cumprod), t, noise
+    if objective == "flow":
+        return flow_sample(x0, t, noise), t * 1000.0, noise - x0
+    raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
 
 
 def load_data(upsample: str = "bilinear") -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,13 +171,32 @@ def train(
     scheduler_config: dict | None = None,
     device: str = "cpu",
     progress: bool = True,
+    objective: str = "epsilon",
+    sigma_sampling: str = "logit-normal",
+    checkpoint: Path | None = None,
+    checkpoint_every: int = 250,
 ) -> tuple[DigitsUNet, dict]:
-    """Train and return ``(ema_model, stats)``; ``stats`` has the final loss and the wall time."""
+    """Train and return ``(ema_model, stats)``; ``stats`` has the final loss and the wall time.
+
+    ``objective``: ``"epsilon"`` (DDPM under ``scheduler_config``) or ``"flow"`` (rectified flow, velocity
+    target, sigmas drawn by ``sigma_sampling``; ``scheduler_config`` is then unused).
+
+    ``checkpoint``: a file that holds the whole training state (model, EMA, optimiser, random generator, losses,
+    step, seconds so far), written every ``checkpoint_every`` steps and at the end; when it exists the run resumes
+    from it and ends with the same weights as an uninterrupted run. On the shared 2-core machine a 3,000-step run
+    took hours (``MODEL_CARD.md``), long enough to be worth surviving a killed process.
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if sigma_sampling not in SIGMA_SAMPLINGS:
+        raise ValueError(f"sigma_sampling must be one of {SIGMA_SAMPLINGS}, got {sigma_sampling!r}")
     from tqdm import tqdm
 
     torch.manual_seed(seed)
     gen = torch.Generator(device=device).manual_seed(seed)
-    model_config = dict(DEFAULT_CONFIG if model_config is None else model_config)
+    if model_config is None:
+        model_config = FLOW_MODEL_CONFIG if objective == "flow" else DEFAULT_CONFIG
+    model_config = dict(model_config)
     scheduler_config = dict(SCHEDULER_CONFIG if scheduler_config is None else scheduler_config)
     x_all, y_all = load_data(upsample)
     x_all, y_all = x_all.to(device), y_all.to(device)
@@ -152,8 +218,32 @@ def train(
     n_params = sum(p.numel() for p in model.parameters())
     losses = []
     running = None
+    start, seconds_before = 0, 0.0
+    if checkpoint is not None and checkpoint.exists():
+        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        gen.set_state(state["gen"])
+        losses, start, seconds_before = state["losses"], state["step"], state["seconds"]
+        print(f"resumed from {checkpoint} at step {start} ({seconds_before:.0f} s of training so far)", flush=True)
+
+    def save_checkpoint(step_done: int) -> None:
+        state = dict(
+            model=model.state_dict(),
+            ema=ema.state_dict(),
+            opt=opt.state_dict(),
+            gen=gen.get_state(),
+            losses=losses,
+            step=step_done,
+            seconds=seconds_before + time.perf_counter() - t0,
+        )
+        tmp = checkpoint.with_name(checkpoint.name + ".tmp")
+        torch.save(state, tmp)
+        tmp.replace(checkpoint)  # a process killed mid-write leaves the previous checkpoint whole
+
     t0 = time.perf_counter()
-    bar = tqdm(range(steps), disable=not progress, desc="train", mininterval=2.0)
+    bar = tqdm(range(start, steps), disable=not progress, desc="train", mininterval=2.0, initial=start, total=steps)
     for step in bar:
         idx = torch.randint(0, n, (batch_size,), generator=gen, device=device)
         x0, y = x_all[idx], y_all[idx]
@@ -161,10 +251,13 @@ def train(
             x0 = random_shift(x0, gen, shift)
         drop = torch.rand(batch_size, generator=gen, device=device) < p_uncond
         y = torch.where(drop, torch.full_like(y, NULL_CLASS), y)
-        t = torch.randint(0, num_t, (batch_size,), generator=gen, device=device)
+        if objective == "flow":
+            t = draw_sigmas(batch_size, sigma_sampling, gen, device)
+        else:
+            t = torch.randint(0, num_t, (batch_size,), generator=gen, device=device)
         noise = torch.randn(x0.shape, generator=gen, device=device)
-        xt = q_sample(x0, t, noise, alphas_cumprod)
-        loss = F.mse_loss(model(xt, t, y), noise)
+        xt, t_in, target = noised_and_target(objective, x0, noise, t, alphas_cumprod)
+        loss = F.mse_loss(model(xt, t_in, y), target)
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         opt.zero_grad(set_to_none=True)
@@ -177,9 +270,12 @@ def train(
         running = lv if running is None else 0.98 * running + 0.02 * lv
         if step % 50 == 0:
             bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr_at(step):.2e}")
-    train_s = time.perf_counter() - t0
+        if checkpoint is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
+            save_checkpoint(step + 1)
+    train_s = seconds_before + time.perf_counter() - t0
 
-    # Final loss: the EMA model's loss on a fixed, seeded evaluation set (every image, 4 noise draws).
+    # Final loss: the EMA model's loss on a fixed, seeded evaluation set (every image, 4 noise draws); flow models
+    # are evaluated at uniform sigmas whatever they were trained with, so the two samplings compare.
     ema.eval()
     eval_gen = torch.Generator(device=device).manual_seed(seed + 1)
     total, count = 0.0, 0
@@ -187,12 +283,17 @@ def train(
         for _ in range(4):
             for start in range(0, n, 512):
                 x0, y = x_all[start : start + 512], y_all[start : start + 512]
-                t = torch.randint(0, num_t, (x0.shape[0],), generator=eval_gen, device=device)
+                if objective == "flow":
+                    t = torch.rand(x0.shape[0], generator=eval_gen, device=device)
+                else:
+                    t = torch.randint(0, num_t, (x0.shape[0],), generator=eval_gen, device=device)
                 noise = torch.randn(x0.shape, generator=eval_gen, device=device)
-                pred = ema(q_sample(x0, t, noise, alphas_cumprod), t, y)
-                total += F.mse_loss(pred, noise, reduction="sum").item()
+                xt, t_in, target = noised_and_target(objective, x0, noise, t, alphas_cumprod)
+                total += F.mse_loss(ema(xt, t_in, y), target, reduction="sum").item()
                 count += noise.numel()
     stats = {
+        "objective": objective,
+        **({"sigma_sampling": sigma_sampling} if objective == "flow" else {}),
         "steps": steps,
         "batch_size": batch_size,
         "lr": lr,
@@ -219,6 +320,8 @@ def save(model: DigitsUNet, path: Path, metadata: dict) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--objective", choices=OBJECTIVES, default="epsilon", help="flow: the digits-flow model")
+    p.add_argument("--sigma-sampling", choices=SIGMA_SAMPLINGS, default="logit-normal", help="flow objective only")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -230,7 +333,9 @@ def main(argv=None) -> None:
     p.add_argument("--upsample", choices=["nearest", "bilinear"], default="bilinear")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--output", type=Path, default=WEIGHTS_PATH)
+    p.add_argument("--output", type=Path, default=None, help="default: the package's weights file of --objective")
+    p.add_argument("--checkpoint", type=Path, default=None, help="training state: written as it goes, resumed from")
+    p.add_argument("--checkpoint-every", type=int, default=250)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
@@ -247,8 +352,17 @@ def main(argv=None) -> None:
         upsample=args.upsample,
         device=args.device,
         progress=not args.no_progress,
+        objective=args.objective,
+        sigma_sampling=args.sigma_sampling,
+        checkpoint=args.checkpoint,
+        checkpoint_every=args.checkpoint_every,
     )
-    meta = {"model_config": DEFAULT_CONFIG, "scheduler_config": SCHEDULER_CONFIG, "training": stats}
+    flow = args.objective == "flow"
+    if args.output is None:
+        args.output = FLOW_WEIGHTS_PATH if flow else WEIGHTS_PATH
+    meta = {"model_config": FLOW_MODEL_CONFIG if flow else DEFAULT_CONFIG, "training": stats}
+    if not flow:
+        meta["scheduler_config"] = SCHEDULER_CONFIG
     save(ema, args.output, meta)
     size_kb = args.output.stat().st_size / 1024
     print(json.dumps(stats, indent=1))

@@ -204,7 +204,8 @@ def test_help_shows_every_default(command):
         if action.option_strings and default is not None and default is not False and default != cli.argparse.SUPPRESS:
             assert f"(default: {action.default})" in text, f"{command} {action.option_strings[0]}"
             shown += 1
-    assert shown >= {"sample": 8, "generate": 8, "bench": 0}[command]
+    # --sampler's default depends on --model (ddim; flow-euler for digits-flow), so its help names both instead
+    assert shown >= {"sample": 7, "generate": 7, "bench": 0}[command]
 
 
 def test_default_threads_leave_busy_cores_alone(monkeypatch):

@@ -1,7 +1,10 @@
-"""Models shipped with fastdiff: a small digits denoiser (see ``MODEL_CARD.md``)."""
+"""Models shipped with fastdiff: a small digits denoiser and its flow-matching twin ``digits-flow`` (see
+``MODEL_CARD.md``)."""
 
 from .digits import (
     CHANNELS,
+    FLOW_MODE_OVERRIDES,
+    FLOW_SCHEDULER_CONFIG,
     IMAGE_SIZE,
     NULL_CLASS,
     NUM_CLASSES,
@@ -9,11 +12,14 @@ from .digits import (
     DigitsUNet,
     from_unit_range,
     load_default_model,
+    load_flow_model,
     to_unit_range,
 )
 
 __all__ = [
     "CHANNELS",
+    "FLOW_MODE_OVERRIDES",
+    "FLOW_SCHEDULER_CONFIG",
     "IMAGE_SIZE",
     "NULL_CLASS",
     "NUM_CLASSES",
@@ -21,5 +27,6 @@ __all__ = [
     "DigitsUNet",
     "from_unit_range",
     "load_default_model",
+    "load_flow_model",
     "to_unit_range",
 ]
