@@ -162,8 +162,15 @@ class PNDMScheduler(SchedulerBase):
             self.plms_timesteps = ts[:-3][::-1].copy()
         schedule = np.concatenate([self.prk_timesteps, self.plms_timesteps]).astype(np.int64)
         self._set_schedule(schedule, device)
-        self._row_index = self._normal_rows()
-        self._decided = {}
+        # the loop's moves and rows depend on the schedule and these settings only: a loop calling set_timesteps
+        # before each batch reuses the first schedule's (simulating the loop costs more than its steps' Python)
+        fingerprint = (schedule.tobytes(), len(self.prk_timesteps), num_inference_steps, cfg.skip_prk_steps, T)
+        memo = self.__dict__.setdefault("_moves_memo", {})
+        if fingerprint not in memo:
+            if len(memo) >= 8:
+                memo.clear()
+            memo[fingerprint] = (self._normal_rows(), {})
+        self._row_index, self._decided = memo[fingerprint]
 
     def _reset_loop_state(self) -> None:
         # diffusers resets these in set_timesteps and keeps cur_sample
