@@ -46,6 +46,29 @@ def test_fused_step_writes_every_element(device, backend, dtype, shape):
 
 
 @pytest.mark.parametrize("device,backend", FAST_CASES)
+def test_bfloat16_outputs_round_to_nearest_even(device, backend):
+    """float32 results stored as bfloat16 are rounded as ``torch.Tensor.to`` rounds them (to nearest, ties to
+    even), bit for bit: ties to an even and to an odd last bit, and values just either side of a tie. Triton's
+    interpreter truncates that cast (and garbles subnormals); kernels/cast.py rounds on the bits there."""
+    hi = torch.arange(1 << 16, dtype=torch.int32) << 16
+    hi = hi[(hi >> 23) & 0xFF != 0xFF]  # finite (0 * inf is NaN in the row's unused terms)
+    if device != "cpu":
+        hi = hi[(hi >> 23) & 0xFF != 0]  # a GPU may flush subnormals
+    x = torch.cat([hi | 0x8000, hi | 0x7FFF, hi | 0x8001, hi | 0x18000]).view(torch.float32)
+    x = x[torch.isfinite(x)].reshape(1, -1).to(device)
+    row = _row(device, X_S=1.0, A_M=1.0, C_X=1.0)  # x0 = m, prev = x
+    prev, x0 = _step(backend, x, x.flip(-1), row, out_dtype=torch.bfloat16)
+    expected = x.to(torch.bfloat16)
+    for name, got, want in (("prev_sample", prev, expected), ("x0", x0, expected.flip(-1))):
+        wrong = (got != want).nonzero()
+        assert wrong.numel() == 0, (
+            f"[{backend}] {name}: {wrong.shape[0]} values rounded otherwise, e.g. "
+            f"{x.flatten()[wrong[:3, -1]].tolist()} -> {got.flatten()[wrong[:3, -1]].tolist()}, "
+            f"not {want.flatten()[wrong[:3, -1]].tolist()}"
+        )
+
+
+@pytest.mark.parametrize("device,backend", FAST_CASES)
 def test_fused_step_history_and_learned_variance(device, backend):
     shape = (2, 3, 41)
     x, m, h1, h2, v, z = (torch.randn(shape, device=device) for _ in range(6))

@@ -6,6 +6,7 @@ import triton
 import triton.language as tl
 
 from ..coefs import NoiseMode
+from .cast import to_output
 from .philox import philox_normal
 
 _NOISE_TENSOR = tl.constexpr(int(NoiseMode.TENSOR))
@@ -54,7 +55,7 @@ def add_noise_kernel(
         group = (pid * (BLOCK // 4) + tl.arange(0, BLOCK // 4)).to(tl.uint32)
         z = philox_normal(seed, offset, group, STREAM, BLOCK)
     out = p * x + q * z
-    tl.store(out_ptr + b * out_sb + j, out.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + b * out_sb + j, to_output(out, out_ptr.dtype.element_ty), mask=mask)
 
 
 def launch(x, z, out, table, index, seed, offset, stream: int) -> None:

@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from .. import coefs
+from .cast import to_output
 from .philox import philox_normal
 
 _A_X = tl.constexpr(coefs.A_X)
@@ -155,7 +156,7 @@ def fused_step_kernel(
     else:
         xc = x
     if WRITE_CORR:
-        tl.store(corr_ptr + b * corr_sb + j, xc.to(corr_ptr.dtype.element_ty), mask=mask)
+        tl.store(corr_ptr + b * corr_sb + j, to_output(xc, corr_ptr.dtype.element_ty), mask=mask)
 
     if WRITE_PREV:
         eps = tl.load(coef_ptr + _E_X) * x + tl.load(coef_ptr + _E_M) * m + tl.load(coef_ptr + _E_0) * x0
@@ -177,9 +178,9 @@ def fused_step_kernel(
             else:
                 std = sigma
             prev += std * z
-        tl.store(prev_ptr + b * prev_sb + j, prev.to(prev_ptr.dtype.element_ty), mask=mask)
+        tl.store(prev_ptr + b * prev_sb + j, to_output(prev, prev_ptr.dtype.element_ty), mask=mask)
     if WRITE_X0:
-        tl.store(x0_ptr + b * x0_sb + j, x0.to(x0_ptr.dtype.element_ty), mask=mask)
+        tl.store(x0_ptr + b * x0_sb + j, to_output(x0, x0_ptr.dtype.element_ty), mask=mask)
 
 
 def launch(p) -> None:
