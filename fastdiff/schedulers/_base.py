@@ -212,7 +212,23 @@ class SchedulerBase(ConfigMixin):
     ):
         """What every ``step`` does: validate, locate the step, plan it (the sampler's hook), draw its noise,
         then one fused call on the backend ``ops.select`` picks, or the sampler's reference step."""
-        batch = self._validate_step(model_output, sample, guidance_scale)
+        if type(model_output) is torch.Tensor and type(sample) is torch.Tensor:
+            # the checks depend on these alone: passed once per schedule, a loop's later steps look them up
+            vkey = (
+                "valid",
+                model_output.shape,
+                sample.shape,
+                model_output.dtype,
+                sample.dtype,
+                model_output.device,
+                sample.device,
+                guidance_scale is None,
+            )
+            batch = self._device_cache.get(vkey)
+            if batch is None:
+                batch = self._device_cache[vkey] = self._validate_step(model_output, sample, guidance_scale)
+        else:
+            batch = self._validate_step(model_output, sample, guidance_scale)
         if noise_seed is not None:  # at every step, also one that draws no noise: a bad seed must not pass silently
             check_noise_seed(noise_seed, batch)
         if variance_noise is not None and generator is not None:
@@ -242,7 +258,9 @@ class SchedulerBase(ConfigMixin):
             prev, x0 = self._reference_step(plan, m, sample, noise, opts)
         else:
             coef, values = (plan.coef, None) if plan.coef is not None else self._row(plan.table_key, plan.row, device)
-            guidance, mscale = self._guidance_args(m, guidance_scale, guidance_rescale, device)
+            guidance = mscale = None
+            if guidance_scale is not None:
+                guidance, mscale = self._guidance_args(m, guidance_scale, guidance_rescale, device)
             p = ops.StepParams(
                 sample,
                 m,

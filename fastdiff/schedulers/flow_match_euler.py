@@ -300,6 +300,11 @@ class FlowMatchEulerDiscreteScheduler(SigmaSchedulerBase):
 
     def _plan(self, i, timestep, model_output, sample, opts) -> StepPlan:
         per_token = opts["per_token_timesteps"]
+        if per_token is None:  # a function of the step and the output dtype: made once per schedule
+            return self._cached(("plan", i, model_output.dtype), lambda: self._make_plan(i, model_output, None))
+        return self._make_plan(i, model_output, per_token)
+
+    def _make_plan(self, i, model_output, per_token) -> StepPlan:
         return StepPlan(
             i,
             row=i,
