@@ -271,6 +271,12 @@ def _coherent(name: str, cfg: dict) -> dict:
         if cfg["use_lu_lambdas"]:
             for k in _sigma_spacing:
                 cfg[k] = False
+    if name in ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler") and cfg["use_flow_sigmas"]:
+        # these spacings give VP sigmas (up to 157) that diffusers then reads as flow sigmas: alpha = 1 - sigma < 0,
+        # NaN from the first step in both libraries (only UniPC's Karras spacing maps to flow, s / (s + 1))
+        vp_only = ["use_exponential_sigmas", "use_beta_sigmas", "use_karras_sigmas", "use_lu_lambdas"]
+        for k in vp_only[: 2 if name == "UniPCMultistepScheduler" else 4]:
+            cfg[k] = False
     if name == "UniPCMultistepScheduler" and cfg["solver_order"] == 3 and not cfg["lower_order_final"]:
         # UniP-3 onto sigma = 0: lambda_t = inf makes both history ratios r_k 0 and R singular (diffusers and the
         # reference raise LinAlgError at the last step); tests/test_unipc.py's "no-lower-order-final" likewise
@@ -663,6 +669,13 @@ FOUND = {
         "FlowMatchEulerDiscreteScheduler",
         dict(shift_terminal=0.25),
         {"num_inference_steps": 1},
+    ),
+    # VP-spaced sigmas read as flow sigmas: a NaN sample from the first step, which the torch backend's final step
+    # (sample term dropped at coefficient 0) turned finite (mapped to plain flow sigmas by _coherent)
+    "dpm-flow-beta-sigmas": (
+        "DPMSolverMultistepScheduler",
+        dict(use_flow_sigmas=True, use_beta_sigmas=True, prediction_type="sample", solver_order=1),
+        {"num_inference_steps": 2},
     ),
     # UniP-3 onto sigma = 0 without lower_order_final: singular in both (mapped to sigma_min by _coherent)
     "unipc-order3-no-lower-order-final": (
