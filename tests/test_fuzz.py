@@ -289,7 +289,12 @@ def scheduler_cases(draw, name: str):
     cfg = _coherent(name, {k: draw(v) for k, v in KNOBS[name].items()})
     step_kwargs = {k: draw(v) for k, v in STEP_KNOBS[name].items()}
     T = cfg["num_train_timesteps"]
-    custom = draw(st.sampled_from((None,) + CUSTOM[name]))
+    customs = CUSTOM[name]
+    if name == "DPMSolverMultistepScheduler" and _flow(name, cfg):
+        # refused by both: fastdiff with a ValueError (tests/test_dpmsolver_flow.py), diffusers 0.42 with a TypeError
+        # (its flow branch computes num_inference_steps + 1 with num_inference_steps None)
+        customs = ()
+    custom = draw(st.sampled_from((None,) + customs))
     if custom == "timesteps":
         values = draw(st.lists(st.integers(0, T - 1), min_size=1, max_size=8, unique=True))
         set_kwargs = {"timesteps": sorted(values, reverse=True)}
@@ -701,3 +706,17 @@ def test_fuzz_found_examples(case_id, device):
         seed=0,
     )
     run_case(name, cfg, set_kwargs, {}, case, device, available_backends(device))
+
+
+def test_dpm_flow_sigmas_draw_no_custom_timesteps():
+    """Both refuse DPM-Solver's flow sigmas with custom timesteps (diffusers 0.42 with a TypeError, which is not a
+    refusal the loop recognizes): the draw leaves them out."""
+    from hypothesis import settings
+
+    @settings(max_examples=300, derandomize=True, database=None)
+    @given(scheduler_cases("DPMSolverMultistepScheduler"))
+    def check(case):
+        cfg, set_kwargs, _ = case
+        assert not (cfg["use_flow_sigmas"] and "timesteps" in set_kwargs)
+
+    check()
