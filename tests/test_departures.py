@@ -320,3 +320,56 @@ def test_lcm_after_the_last_step_asks_for_set_timesteps():
         s.set_timesteps(2)
         with pytest.raises(error):
             s.step(x, 123, x)
+
+
+@pytest.mark.parametrize("order,solver_type", [(2, "heun"), (3, "midpoint"), (3, "heun")])
+def test_dpm_zero_length_last_step_is_the_identity_on_fused_backends(order, solver_type):
+    """Karras sigmas with final_sigmas_type="sigma_min" end on two equal sigmas: a step of length h = 0. diffusers
+    divides 0 by 0 there (heun at order 2, both solver types at order 3) and returns NaN; fastdiff's fused
+    backends return the sample unchanged (the h -> 0 limit, what diffusers' midpoint order-2 step returns), and
+    its reference reproduces diffusers op by op (NaN)."""
+    cfg = dict(
+        use_karras_sigmas=True,
+        solver_order=order,
+        solver_type=solver_type,
+        lower_order_final=False,
+        final_sigmas_type="sigma_min",
+    )
+    x0 = torch.randn(1, 2, 3, 3, generator=torch.Generator().manual_seed(0))
+    outs = torch.randn(20, 1, 2, 3, 3, generator=torch.Generator().manual_seed(1))
+    results = {}
+    for name, s in [
+        ("diffusers", diffusers.DPMSolverMultistepScheduler(**cfg)),
+        ("torch", fastdiff.DPMSolverMultistepScheduler(**cfg, backend="torch")),
+        ("reference", fastdiff.DPMSolverMultistepScheduler(**cfg, backend="reference")),
+    ]:
+        s.set_timesteps(20)
+        assert s.sigmas[-1] == s.sigmas[-2]  # the zero-length last step
+        x = x0
+        for i, t in enumerate(s.timesteps):
+            before = x
+            x = s.step(outs[i], t, x).prev_sample
+        results[name] = (before, x)
+    assert results["diffusers"][1].isnan().all() and results["reference"][1].isnan().all()
+    before, last = results["torch"]
+    assert torch.equal(last, before)
+
+
+def test_nan_in_a_zero_coefficient_term_on_the_torch_backend():
+    """The torch backend (the CPU default) skips a term whose coefficient is exactly 0 at this step, so a NaN
+    there does not reach the result; 0 * NaN makes diffusers', the reference's and the kernels' results NaN.
+    Here: DPM-Solver with flow sigmas and x0 prediction, the last step onto sigma = 0 reads only the x0."""
+    cfg = dict(use_flow_sigmas=True, prediction_type="sample", solver_order=1)
+    m = torch.ones(1, 1, 1, 3)
+    nan = torch.full((1, 1, 1, 3), float("nan"))
+    last = {}
+    for name, s in [
+        ("diffusers", diffusers.DPMSolverMultistepScheduler(**cfg)),
+        ("torch", fastdiff.DPMSolverMultistepScheduler(**cfg, backend="torch")),
+        ("reference", fastdiff.DPMSolverMultistepScheduler(**cfg, backend="reference")),
+    ]:
+        s.set_timesteps(2)
+        s.step(m, s.timesteps[0], torch.zeros(1, 1, 1, 3))
+        last[name] = s.step(m, s.timesteps[1], nan).prev_sample
+    assert last["diffusers"].isnan().all() and last["reference"].isnan().all()
+    assert torch.equal(last["torch"], m)
