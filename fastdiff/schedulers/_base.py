@@ -62,6 +62,13 @@ class SchedulerBase(ConfigMixin):
         self._env = ops.environment()  # FASTDIFF_BACKEND and TRITON_INTERPRET, read once per schedule
         self._reset_loop_state()
 
+    def _check_ready(self) -> None:
+        """diffusers' error for a ``step`` of a scheduler that needs ``set_timesteps`` first."""
+        if self.num_inference_steps is None:
+            raise ValueError(
+                "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler"
+            )
+
     def _timestep_value(self, timestep):
         """A Python number for ``timestep``: an element of ``self.timesteps`` is read from the host copy (no
         device sync); another tensor costs one host read (a sync for a CUDA tensor)."""
@@ -157,7 +164,8 @@ class SchedulerBase(ConfigMixin):
             table, rows = hit[1], hit[2]
         else:
             table = to_device(torch.from_numpy(flat.reshape(host.shape)), device)
-            rows = (host.shape[:-1], table.reshape(-1, coefs.NCOEF).unbind(0), flat.tolist())
+            # values as tuples: the torch backend keys its programs by them without a per-step copy
+            rows = (host.shape[:-1], table.reshape(-1, coefs.NCOEF).unbind(0), [tuple(r) for r in flat.tolist()])
             if len(memo) >= 8:
                 memo.clear()
             memo[(key, device)] = (fingerprint, table, rows)

@@ -155,10 +155,7 @@ class DDIMScheduler(SchedulerBase):
         """One DDIM step x_t -> x_{prev}. Noise (eta > 0) comes from ``variance_noise``, ``generator``
         (drawn like diffusers), the global RNG, or in-kernel Philox with ``noise_seed``. An integer timestep
         outside the schedule steps to t - T // n, as diffusers does (one host read, a sync on CUDA)."""
-        if self.num_inference_steps is None:
-            raise ValueError(
-                "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler"
-            )
+        self._check_ready()
         if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta >= 0:
             raise ValueError(f"`eta` must be a float >= 0, got {eta!r}")
         return self._step(

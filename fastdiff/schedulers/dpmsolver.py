@@ -353,10 +353,7 @@ class DPMSolverMultistepScheduler(SigmaSchedulerBase):
         """One multistep DPM-Solver++ step. For "sde-dpmsolver++" the noise comes from ``variance_noise``,
         ``generator`` (float32 draws, as diffusers) or Philox with ``noise_seed``. Returns ``prev_sample``
         (``pred_original_sample`` is None, as in diffusers)."""
-        if self.num_inference_steps is None:
-            raise ValueError(
-                "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler"
-            )
+        self._check_ready()
         return self._step(
             model_output,
             timestep,

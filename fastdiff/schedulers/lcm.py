@@ -275,10 +275,7 @@ class LCMScheduler(SigmaSchedulerBase):
         """One LCM step. ``model_output`` (B, ...) like ``sample`` (or a doubled batch with ``guidance_scale``);
         ``timestep`` an element of ``self.timesteps`` (no host sync). Returns ``LCMSchedulerOutput(prev_sample,
         denoised)`` or ``(prev_sample, denoised)``."""
-        if self.num_inference_steps is None:
-            raise ValueError(
-                "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler"
-            )
+        self._check_ready()
         return self._step(
             model_output,
             timestep,

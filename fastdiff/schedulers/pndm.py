@@ -394,12 +394,6 @@ class PNDMScheduler(SchedulerBase):
             noise_seed=noise_seed,
         )
 
-    def _check_ready(self) -> None:
-        if self.num_inference_steps is None:
-            raise ValueError(
-                "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler"
-            )
-
     def _locate(self, timestep) -> int:
         return self.counter  # PNDM counts calls: its PRK steps repeat timesteps
 

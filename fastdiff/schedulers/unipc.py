@@ -405,10 +405,7 @@ class UniPCMultistepScheduler(SigmaSchedulerBase):
         """One UniPC step: the corrector on ``sample`` with this model output (from the second step of a loop on,
         unless disabled), then the predictor to the next sigma. Returns ``prev_sample`` (``pred_original_sample`` is
         None, as in diffusers)."""
-        if self.num_inference_steps is None:
-            raise ValueError(
-                "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler"
-            )
+        self._check_ready()
         return self._step(
             model_output,
             timestep,
