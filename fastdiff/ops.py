@@ -320,6 +320,13 @@ def fused_step(p: StepParams, backend: str) -> None:
         _run_fused_step(p, backend)
 
 
+def plain_lane(values, noise: bool, clip_range: float, write_x0: bool, out_dtype, x0_dtype):
+    """For a scheduler whose plain CPU step :func:`select` sent to "torch": the torch evaluation of that row and
+    call shape as one callable, ``lane(x, m, z) -> (prev, x0)`` (``kernels.eager.Lane``), which the scheduler
+    keeps and calls for the same step again instead of building ``StepParams`` and calling :func:`fused_step`."""
+    return _eager().Lane(values, noise, clip_range, write_x0, out_dtype, x0_dtype)
+
+
 # ---------------------------------------------------------------------------------------------- add noise
 
 

@@ -122,9 +122,10 @@ def _f32(t: Tensor) -> Tensor:
     return t if t.dtype == torch.float32 else t.float()
 
 
-def _buffer(out: Optional[Tensor], like: Tensor) -> Tensor:
-    """``out`` itself when results can be computed straight into it (float32), else a float32 scratch."""
-    return out if out is not None and out.dtype == torch.float32 else torch.empty_like(like)
+def _buffer(out: Optional[Tensor]) -> Optional[Tensor]:
+    """``out`` itself when results can be computed straight into it (float32), else None: the first op of the
+    sum allocates its own float32 result (cheaper than a separate ``empty_like``)."""
+    return out if out is not None and out.dtype == torch.float32 else None
 
 
 # Programs, then one per call shape (flags). On the CPU a program owns its scalars and is keyed by the row's
@@ -148,6 +149,16 @@ def _programs_for(coef: Tensor) -> dict:
     return programs
 
 
+def _program_by_values(values: tuple, flags: tuple) -> _Program:
+    key = (values, flags)
+    program = _BY_VALUES.get(key)
+    if program is None:
+        if len(_BY_VALUES) >= _BY_VALUES_MAX:
+            _BY_VALUES.clear()
+        program = _BY_VALUES[key] = _Program(_Row(None, values), flags)
+    return program
+
+
 def fused_step(p) -> None:
     """Evaluate one ``fastdiff.ops.StepParams`` with torch ops (see ``fastdiff.coefs`` for the formula)."""
     flags = (
@@ -163,12 +174,7 @@ def fused_step(p) -> None:
     coef = p.coef
     if coef.device.type == "cpu":
         values = p.coef_values if p.coef_values is not None else coef.reshape(-1).tolist()
-        key = (tuple(values), flags)
-        program = _BY_VALUES.get(key)
-        if program is None:
-            if len(_BY_VALUES) >= _BY_VALUES_MAX:
-                _BY_VALUES.clear()
-            program = _BY_VALUES[key] = _Program(_Row(None, key[0]), flags)
+        program = _program_by_values(tuple(values), flags)
     else:
         programs = _programs_for(coef)
         key = (coef._version, flags)  # an in-place change of the row makes a new program
@@ -184,6 +190,7 @@ class _Program:
     def __init__(self, r: _Row, flags):
         noise, thresh, clip, write_x0, want_prev, has_last, _, nhist = flags
         self.r = r
+        self.want_prev, self.write_x0 = bool(want_prev), bool(write_x0)
         hist = ("h1", "h2", "h3")[:nhist]
         self.xh = _Sum(r, [(None, "x"), (coefs.K_PRE, "z")]) if noise != NoiseMode.NONE else None
         self.x0 = _Sum(r, [(coefs.A_X, "xh"), (coefs.A_M, "m")])
@@ -201,7 +208,6 @@ class _Program:
         self.need_x0 = bool(write_x0 or thresh or clip or any("x0" in s.names() for s in readers))
 
     def run(self, p) -> None:
-        r = self.r
         x = _f32(p.sample)
         batch = x.shape[0]
         m = _f32(p.model_output)
@@ -210,64 +216,118 @@ class _Program:
             m = torch.addcmul(m_u, p.guidance.float(), m_c - m_u)
         if p.mscale is not None:
             m = m * _per_sample(p.mscale.float(), m)
-        env = {"x": x, "m": m}
         z = None
         if p.noise_mode == NoiseMode.TENSOR:
             z = _f32(p.noise)
         elif p.noise_mode == NoiseMode.PHILOX:
             z = philox_normal(p.seed, x[0].numel(), p.offset, coefs.STREAM_STEP).reshape(x.shape)
+        self.eval(x, m, z, p.prev, p.x0, p.corr, p.hist, p.last, p.var, p.thresh, p.clip_range, p.var_mode)
+
+    def eval(
+        self,
+        x,
+        m,
+        z,
+        prev_out=None,
+        x0_out=None,
+        corr_out=None,
+        hist=(),
+        last=None,
+        var=None,
+        thresh=None,
+        clip_range=0.0,
+        var_mode=VarMode.FIXED,
+    ) -> tuple:
+        """The formula on float32 x, guided m and noise z; results written into the ``*_out`` tensors given,
+        else returned in new float32 tensors. Returns (prev, x0): None where the call shape does not make it."""
+        r = self.r
+        env = {"x": x, "m": m}
         if z is not None:
             env["z"] = z
             env["xh"] = xh = self.xh.run(env, reuse=True)
         else:
             env["xh"] = xh = x
-        for name, h in zip(("h1", "h2", "h3"), p.hist):
+        for name, h in zip(("h1", "h2", "h3"), hist):
             env[name] = _f32(h)
 
+        x0 = None
         if self.need_x0:  # x0 = X_S * (A_X * xh + A_M * m), then clipped or thresholded, in place
-            x0 = env["x0"] = self.x0.run(env, out=_buffer(p.x0, x))
+            x0 = env["x0"] = self.x0.run(env, out=_buffer(x0_out))
             if self.x_s is not None:
                 x0.mul_(self.x_s)
-            if p.thresh is not None:
-                s = _per_sample(p.thresh.float(), x0)
+            if thresh is not None:
+                s = _per_sample(thresh.float(), x0)
                 torch.minimum(x0, s, out=x0)
                 torch.maximum(x0, -s, out=x0)
                 x0.div_(s)
-            elif p.clip_range > 0:
-                x0.clamp_(-p.clip_range, p.clip_range)
-            if p.x0 is not None and p.x0 is not x0:
-                p.x0.copy_(x0)
+            elif clip_range > 0:
+                x0.clamp_(-clip_range, clip_range)
+            if x0_out is not None and x0_out is not x0:
+                x0 = x0_out.copy_(x0)
         if self.xc is not None:  # the corrected sample, from the previous step's starting sample and the history
-            env["last"] = _f32(p.last)
-            env["xc"] = xc = self.xc.run(env, out=_buffer(p.corr, x))
+            env["last"] = _f32(last)
+            env["xc"] = xc = self.xc.run(env, out=_buffer(corr_out))
         else:
             env["xc"] = xc = xh
-        if p.corr is not None and p.corr is not xc:
-            p.corr.copy_(xc)
-        if p.prev is None:
-            return
+        if corr_out is not None and corr_out is not xc:
+            corr_out.copy_(xc)
+        if not self.want_prev:
+            return None, x0 if self.write_x0 else None
 
         # eps = E_S * (E_X * xh + E_M * m + E_0 * x0); prev = C_0 x0 + C_E eps + C_X xc + H_k h_k + std z
         if self.eps is not None:
             eps = self.eps.run(env, reuse=True)
             env["eps"] = eps if self.e_s is None else torch.mul(eps, self.e_s)
-        prev = self.prev.run(env, out=_buffer(p.prev, x))
+        prev = self.prev.run(env, out=_buffer(prev_out))
         if z is not None:
-            if p.var_mode == VarMode.FIXED:
+            if var_mode == VarMode.FIXED:
                 sigma = r.value(coefs.SIGMA)
                 if sigma is None:
                     prev.addcmul_(z, r.scalar(coefs.SIGMA))
                 elif sigma != 0.0:
                     prev.add_(z, alpha=sigma)
             else:
-                v = _f32(p.var)
-                if p.var_mode == VarMode.LEARNED:
+                v = _f32(var)
+                if var_mode == VarMode.LEARNED:
                     std = torch.sqrt(v) * r.scalar(coefs.SIGMA)
                 else:
                     std = torch.exp(0.5 * (v * r.scalar(coefs.LV_A) + r.scalar(coefs.LV_B))) * r.scalar(coefs.SIGMA)
                 prev.addcmul_(std, z)
-        if p.prev is not prev:
-            p.prev.copy_(prev)
+        if prev_out is not None and prev_out is not prev:
+            prev = prev_out.copy_(prev)
+        return prev, x0 if self.write_x0 else None
+
+
+class Lane:
+    """A plain step (no guidance, history, corrector, learned variance or thresholding; noise from a tensor or
+    none) on CPU tensors, for a scheduler that has run the same row and call shape before: the program and the
+    output dtypes, called without building ``StepParams`` or allocating the outputs first (their first op
+    allocates them). ``lane(x, m, z)`` returns (prev, x0), x0 None unless written; contiguous inputs give
+    contiguous outputs."""
+
+    __slots__ = ("program", "clip_range", "out_dtype", "x0_dtype")
+
+    def __init__(self, values: tuple, noise: bool, clip_range: float, write_x0: bool, out_dtype, x0_dtype):
+        flags = (
+            int(NoiseMode.TENSOR if noise else NoiseMode.NONE),
+            False,
+            clip_range > 0,
+            write_x0,
+            True,
+            False,
+            False,
+            0,
+        )
+        self.program = _program_by_values(tuple(values), flags)
+        self.clip_range, self.out_dtype, self.x0_dtype = clip_range, out_dtype, x0_dtype
+
+    def __call__(self, x: Tensor, m: Tensor, z: Optional[Tensor]) -> tuple:
+        prev, x0 = self.program.eval(_f32(x), _f32(m), None if z is None else _f32(z), clip_range=self.clip_range)
+        if prev.dtype != self.out_dtype:
+            prev = prev.to(self.out_dtype)
+        if x0 is not None and x0.dtype != self.x0_dtype:
+            x0 = x0.to(self.x0_dtype)
+        return prev, x0
 
 
 def add_noise(x, noise, table, index, seed, offset, out, stream: int) -> None:

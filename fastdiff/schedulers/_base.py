@@ -43,23 +43,45 @@ class SchedulerBase(ConfigMixin):
     """
 
     order = 1
+    # Whether a plan without tensors of its own (no history, corrector, learned variance, thresholding or
+    # reference-only path: ``_is_plain``) is a function of the step index, the step's tensor shapes and dtypes,
+    # and its options alone. Then a CPU step that ran once reruns through a cached lane (``kernels.eager.Lane``)
+    # without planning, selecting or building StepParams again. A sampler whose plan reads the timestep's value
+    # beyond the index, or keeps state in ``_plan``, leaves this False.
+    _plain_plans = False
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
 
     # ------------------------------------------------------------------ timesteps
 
-    def _set_schedule(self, timesteps: np.ndarray, device) -> None:
-        """Install integer or float timesteps (descending) and reset the per-schedule caches."""
-        dtype = torch.int64 if np.issubdtype(timesteps.dtype, np.integer) else torch.float32
-        self.timesteps = torch.from_numpy(np.ascontiguousarray(timesteps)).to(dtype=dtype, device=device)
+    def _set_schedule(self, timesteps: np.ndarray, device, fingerprint: Optional[bytes] = None) -> None:
+        """Install integer or float timesteps (descending) and reset the per-schedule caches.
+
+        ``fingerprint``: the bytes of everything else the coefficient tables read (the sigmas), from a sampler
+        whose tables are a function of the timesteps, these bytes and the config. When the new schedule's
+        timesteps, fingerprint, device, config, backend and environment equal the previous schedule's (a loop
+        calling set_timesteps before each batch), the per-schedule caches are kept: tables, validation, plans,
+        lanes, history buffers. That is what a second loop over the same schedule would use anyway."""
+        kind = np.issubdtype(timesteps.dtype, np.integer)
+        self.timesteps = torch.from_numpy(np.ascontiguousarray(timesteps)).to(
+            dtype=torch.int64 if kind else torch.float32, device=device
+        )
         self._timestep_values = timesteps
-        values = timesteps.tolist()
-        # value -> first index (later entries of the reversed walk overwrite: the smallest index wins)
-        self._index_of = dict(zip(reversed(values), range(len(values) - 1, -1, -1)))
-        self._tables = {}
-        self._device_cache = {}
-        self._env = ops.environment()  # FASTDIFF_BACKEND and TRITON_INTERPRET, read once per schedule
+        env = ops.environment()  # FASTDIFF_BACKEND and TRITON_INTERPRET, read once per schedule
+        config = self.__dict__.get("_internal_dict")
+        key = None
+        if fingerprint is not None:
+            key = (fingerprint, timesteps.dtype.str, timesteps.tobytes(), self.timesteps.device, env, self.backend)
+        last = self.__dict__.get("_schedule_key")
+        if key is None or last is None or last[1] is not config or last[0] != key:
+            values = timesteps.tolist()
+            # value -> first index (later entries of the reversed walk overwrite: the smallest index wins)
+            self._index_of = dict(zip(reversed(values), range(len(values) - 1, -1, -1)))
+            self._tables = {}
+            self._device_cache = {}
+        self._schedule_key = (key, config)
+        self._env = env
         self._reset_loop_state()
 
     def _check_ready(self) -> None:
@@ -220,6 +242,7 @@ class SchedulerBase(ConfigMixin):
     ):
         """What every ``step`` does: validate, locate the step, plan it (the sampler's hook), draw its noise,
         then one fused call on the backend ``ops.select`` picks, or the sampler's reference step."""
+        vkey = None
         if type(model_output) is torch.Tensor and type(sample) is torch.Tensor:
             # the checks depend on these alone: passed once per schedule, a loop's later steps look them up
             vkey = (
@@ -242,6 +265,31 @@ class SchedulerBase(ConfigMixin):
         if variance_noise is not None and generator is not None:
             raise ValueError("pass either `generator` or `variance_noise`, not both")
         i = self._locate(timestep)
+        lkey = None
+        if (
+            vkey is not None
+            and self._plain_plans
+            and guidance_scale is None
+            and noise_seed is None
+            and variance_noise is None
+            and sample.device.type == "cpu"
+            and not torch.compiler.is_compiling()
+            and sample.is_contiguous()
+            and model_output.is_contiguous()
+        ):
+            lkey = _lane_key(i, vkey, self.backend, opts)
+            lane = self._device_cache.get(lkey) if lkey is not None else None
+            if lane is not None:  # this step ran before with the same row and call shape: straight to its program
+                plan, run = lane
+                noise = None
+                if plan.noise_dtype is not None:
+                    noise = randn_tensor(
+                        sample.shape, generator=generator, device=sample.device, dtype=plan.noise_dtype
+                    )
+                prev, x0 = run(sample, model_output, noise)
+                self.last_backend = "torch"
+                self._advance(plan)
+                return self._output(prev, x0, return_dict)
         plan = self._plan(i, timestep, model_output, sample, opts)
         device = sample.device
         noise = seed = offset = None
@@ -296,6 +344,12 @@ class SchedulerBase(ConfigMixin):
             ops.fused_step(p, backend)
             prev, x0 = p.prev, p.x0
         self.last_backend = backend
+        if lkey is not None and backend == "torch" and _is_plain(plan, model_output):
+            values = self._row(plan.table_key, plan.row, device)[1]
+            lane = ops.plain_lane(
+                values, plan.noise_dtype is not None, plan.clip_range, plan.write_x0, out_dtype, x0_dtype
+            )
+            self._device_cache[lkey] = (dataclasses.replace(plan, model_output=None), lane)
         self._advance(plan)
         return self._output(prev, x0, return_dict)
 
@@ -482,6 +536,36 @@ class StepPlan:
     thresholding: bool = False
     reference_only: bool = False
     state: dict = field(default_factory=dict)
+
+
+_LANE_OPTION_TYPES = (type(None), bool, int, float, str)
+
+
+def _lane_key(i, vkey: tuple, backend, opts: dict) -> Optional[tuple]:
+    """The lane of step ``i`` for these tensors (``vkey``) and options; None when an option is not a plain value
+    (a tensor option, e.g. per-token timesteps, is never keyed)."""
+    values = tuple(opts.values())
+    for v in values:
+        if type(v) not in _LANE_OPTION_TYPES:
+            return None
+    return ("lane", i, vkey, backend, values)
+
+
+def _is_plain(plan: StepPlan, model_output: torch.Tensor) -> bool:
+    """A plan the lane runs: the fused row of the table, the model output as it came, noise at most from a
+    generator, and no tensors of its own."""
+    return (
+        plan.coef is None
+        and plan.i is not None
+        and (plan.model_output is None or plan.model_output is model_output)
+        and plan.var is None
+        and not plan.hist
+        and plan.x0_out is None
+        and plan.last is None
+        and plan.corr_out is None
+        and not plan.thresholding
+        and not plan.reference_only
+    )
 
 
 def _empty_like(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

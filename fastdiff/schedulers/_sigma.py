@@ -38,8 +38,10 @@ class SigmaSchedulerBase(SchedulerBase):
         self._begin_index: Optional[int] = None
 
     def _install(self, timesteps: np.ndarray, sigmas: np.ndarray, device) -> None:
-        self._set_schedule(timesteps, device)
-        self._sigma_values = sigmas.astype(np.float32)
+        sigmas = sigmas.astype(np.float32)
+        # the tables of a sigma sampler read the timesteps, the sigmas and the config: the same three keep them
+        self._set_schedule(timesteps, device, fingerprint=sigmas.tobytes())
+        self._sigma_values = sigmas
         self.sigmas = torch.from_numpy(self._sigma_values.copy())
         self._step_index = None
         self._begin_index = None

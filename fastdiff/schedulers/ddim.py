@@ -32,6 +32,7 @@ class DDIMScheduler(SchedulerBase):
     """
 
     order = 1
+    _plain_plans = True  # an in-schedule plan is a function of the step index, the output dtype and eta
 
     def __init__(
         self,
@@ -76,7 +77,8 @@ class DDIMScheduler(SchedulerBase):
             prev = np.append(ts[1:], -1)
         else:  # diffusers steps by T // n whatever the spacing; reproduced for identical results
             prev = ts - self.config.num_train_timesteps // num_inference_steps
-        self._set_schedule(ts, device)
+        # the tables read the timesteps, where each step goes, the config and the training schedule (fixed)
+        self._set_schedule(ts, device, fingerprint=np.asarray(prev, dtype=np.int64).tobytes())
         self._prev = prev
 
     def previous_timestep(self, timestep):
@@ -184,8 +186,9 @@ class DDIMScheduler(SchedulerBase):
             t, prev_t = int(self._timestep_values[i]), int(self._prev[i])
             offset = i
         else:
-            t = int(self._timestep_value(timestep))
-            prev_t = self._off_schedule_prev(t)
+            value = self._timestep_value(timestep)
+            prev_t = self._off_schedule_prev(value)  # raises for a fractional or out-of-range timestep
+            t = int(value)
             offset = len(self._timestep_values) + t  # a Philox offset no in-schedule step uses
             coef = self._cached(
                 ("row", t, key, sample.device),

@@ -92,7 +92,8 @@ class DDPMScheduler(SchedulerBase):
         custom strictly descending list ``timesteps``. The coefficient tables are rebuilt on first use on
         the sample's device."""
         ts = integer_schedule(self, num_inference_steps, timesteps)
-        self._set_schedule(ts, device)
+        # the tables read the timesteps (each step goes to the next), the config and the training schedule
+        self._set_schedule(ts, device, fingerprint=b"")
         self._prev = np.append(ts[1:], -1)
 
     def previous_timestep(self, timestep):

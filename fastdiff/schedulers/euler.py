@@ -22,6 +22,7 @@ class _EulerCommon(SigmaSchedulerBase):
     """What Euler and Euler a share: scale_model_input, init_noise_sigma, forward noising, outputs."""
 
     order = 1
+    _plain_plans = True  # a plan is a function of the step index, the output dtype and the s_* options
 
     @property
     def init_noise_sigma(self) -> torch.Tensor:

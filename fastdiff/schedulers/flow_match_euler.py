@@ -64,6 +64,7 @@ class FlowMatchEulerDiscreteScheduler(SigmaSchedulerBase):
     ``add_noise`` (the same forward process as ``scale_noise``)."""
 
     order = 1
+    _plain_plans = True  # a plan is a function of the step index, the output dtype and per_token_timesteps
     init_noise_sigma = 1.0  # fastdiff's loops scale the starting noise by it; diffusers' class has no such attribute
 
     def __init__(

@@ -161,7 +161,9 @@ class PNDMScheduler(SchedulerBase):
             self.prk_timesteps = _prk_timesteps(ts[-self.pndm_order :], T // num_inference_steps // 2)
             self.plms_timesteps = ts[:-3][::-1].copy()
         schedule = np.concatenate([self.prk_timesteps, self.plms_timesteps]).astype(np.int64)
-        self._set_schedule(schedule, device)
+        # the tables read the schedule, its warm-up length, the step count and the config: the same keep the caches
+        # (rows, the history slots and cur_sample's buffer, which every loop writes before it reads them)
+        self._set_schedule(schedule, device, fingerprint=repr((len(self.prk_timesteps), num_inference_steps)).encode())
         # the loop's moves and rows depend on the schedule and these settings only: a loop calling set_timesteps
         # before each batch reuses the first schedule's (simulating the loop costs more than its steps' Python)
         fingerprint = (schedule.tobytes(), len(self.prk_timesteps), num_inference_steps, cfg.skip_prk_steps, T)
