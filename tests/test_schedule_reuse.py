@@ -199,3 +199,34 @@ def test_copies_keep_working(preset):
     first = _walk(s, **p.step_kwargs)
     for clone in (copy.deepcopy(s), pickle.loads(pickle.dumps(s))):
         _assert_same_bits(_walk(clone, **p.step_kwargs), first, f"{preset} copy")
+
+
+def test_flow_schedule_memo_follows_its_inputs():
+    """FlowMatchEuler keeps the last step count's schedule; another count, mu or shift recomputes it."""
+    cls = SCHEDULERS["FlowMatchEulerDiscreteScheduler"]
+    s = cls(backend="torch", use_dynamic_shifting=True)
+    for steps, mu in ((STEPS, 0.5), (STEPS, 0.5), (STEPS, 1.1), (STEPS + 3, 1.1), (STEPS, 0.5)):
+        fresh = cls(backend="torch", use_dynamic_shifting=True)
+        s.set_timesteps(steps, mu=mu)
+        fresh.set_timesteps(steps, mu=mu)
+        assert torch.equal(s.timesteps, fresh.timesteps) and torch.equal(s.sigmas, fresh.sigmas), (steps, mu)
+        assert s.timesteps.data_ptr() != fresh.timesteps.data_ptr()
+
+
+def test_loop_start_on_a_repeated_timestep_matches_diffusers():
+    """diffusers starts a loop whose first timestep repeats at its second occurrence; fastdiff finds it from the
+    element of ``timesteps`` (a list lookup) or from an equal value passed as a new tensor."""
+    diffusers = pytest.importorskip("diffusers")
+    sigmas = [1.0, 1.0, 0.6, 0.3]
+    for name in ("FlowMatchEulerDiscreteScheduler",):
+        ours, theirs = SCHEDULERS[name](backend="torch"), getattr(diffusers, name)()
+        for s in (ours, theirs):
+            s.set_timesteps(sigmas=sigmas)
+        x = torch.randn(SHAPE)
+        for passed in (ours.timesteps[0], ours.timesteps[0].clone()):
+            ours.set_timesteps(sigmas=sigmas)
+            theirs.set_timesteps(sigmas=sigmas)
+            a = ours.step(x, passed, x).prev_sample
+            b = theirs.step(x, theirs.timesteps[0], x).prev_sample
+            assert ours.step_index == theirs.step_index == 2
+            assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)

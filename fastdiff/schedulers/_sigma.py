@@ -65,12 +65,28 @@ class SigmaSchedulerBase(SchedulerBase):
     def _first_index(self, timestep) -> int:
         if self._begin_index is not None:
             return self._begin_index
+        if isinstance(timestep, torch.Tensor) and timestep.numel() == 1:
+            i = self._element_index(timestep)
+            if i is not None:  # an element of self.timesteps (how loops pass them): a list lookup
+                start = self._cached(("loop starts",), self._loop_starts)[i]
+                if start is not None:
+                    return start
         i = self.index_for_timestep(timestep)
         if i is None:
             raise self._schedule_error(self._timestep_value(timestep))
         value = self._timestep_values[i]
         matches = np.flatnonzero(self._timestep_values == value)
         return int(matches[1]) if len(matches) > 1 else int(matches[0])
+
+    def _loop_starts(self) -> list:
+        """Per schedule index j, where a loop whose first timestep is timesteps[j] starts: the second position of
+        that value when it repeats, else its only one (diffusers' rule); None for a value equal to no entry (NaN)."""
+        values = self._timestep_values
+        starts = []
+        for v in values:
+            matches = np.flatnonzero(values == v)
+            starts.append(int(matches[1]) if len(matches) > 1 else int(matches[0]) if len(matches) else None)
+        return starts
 
     def _locate(self, timestep) -> int:
         """diffusers' step-index rule: the first step of a loop finds its timestep (or starts at begin_index),

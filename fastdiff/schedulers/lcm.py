@@ -124,7 +124,8 @@ class LCMScheduler(SigmaSchedulerBase):
             ts = self._custom_timesteps(timesteps, origin, original, strength)
         else:
             ts = self._spaced_timesteps(num_inference_steps, origin, original, strength)
-        self._set_schedule(ts.astype(np.int64), device)
+        # the tables read the timesteps, num_inference_steps (the last step's noise) and the config
+        self._set_schedule(ts.astype(np.int64), device, fingerprint=repr(self.num_inference_steps).encode())
         self._begin_index = None
 
     def _custom_timesteps(self, timesteps, origin: np.ndarray, original: int, strength: float) -> np.ndarray:

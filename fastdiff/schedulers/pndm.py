@@ -401,7 +401,33 @@ class PNDMScheduler(SchedulerBase):
 
     def _plan(self, i, timestep, model_output, sample, opts) -> StepPlan:
         check_choice("prediction_type", self.config.prediction_type, PNDM_PREDICTION_TYPES)
-        move, key, row = self._decide(opts["kind"], integer_timestep(self._timestep_value(timestep)))
+        t = integer_timestep(self._timestep_value(timestep))
+        # The plan is a function of the call and the loop state (counter, kept outputs, Runge-Kutta stages,
+        # cur_sample). In a loop those are the schedule's static slots, so keyed by their identities a loop's
+        # plans are made once per schedule; the plan holds the tensors it names, so their ids stay unique while
+        # the entry lives. State set by hand (other tensors) just makes new entries.
+        memo_key = (
+            opts["kind"],
+            t,
+            self.counter,
+            tuple(map(id, self.ets)),
+            tuple((w, id(o)) for w, o in self._rk),
+            id(self.cur_sample),
+            sample.shape,
+            sample.dtype,
+            sample.device,
+            model_output.dtype,
+        )
+        plans = self._cached(("plans",), dict)
+        plan = plans.get(memo_key)
+        if plan is None:
+            if len(plans) >= 4 * len(self._timestep_values) + 64:  # bounded: hand-set state keeps making entries
+                plans.clear()
+            plan = plans[memo_key] = self._make_plan(i, t, model_output, sample, opts)
+        return plan
+
+    def _make_plan(self, i, t, model_output, sample, opts) -> StepPlan:
+        move, key, row = self._decide(opts["kind"], t)
         operands = [None if o == "m" else self._operand(o) for o in move.operands]
         hist = tuple(o for o in operands if o is not None)
         start = self.cur_sample if move.from_cur else None
