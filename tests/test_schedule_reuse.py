@@ -230,3 +230,30 @@ def test_loop_start_on_a_repeated_timestep_matches_diffusers():
             b = theirs.step(x, theirs.timesteps[0], x).prev_sample
             assert ours.step_index == theirs.step_index == 2
             assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_cpu_parity_script_writes_its_table(tmp_path, monkeypatch):
+    """scripts/cpu_parity.py (the README's CPU table): one tiny run writes rows with the machine's facts."""
+    import importlib.util
+    import json
+    import pathlib
+
+    pytest.importorskip("diffusers")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # "auto" on CPU tensors is then the torch evaluation
+    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "cpu_parity.py"
+    spec = importlib.util.spec_from_file_location("cpu_parity", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "parity.json"
+    threads = torch.get_num_threads()
+    try:
+        args = ["--out", str(out), "--rounds", "2", "--steps", "3", "--sizes", "cpu-2x4x16x16"]
+        assert script.main(args + ["--presets", "flow-euler,ddim"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    data = json.loads(out.read_text())
+    assert [r["preset"] for r in data["rows"]] == ["flow-euler", "ddim"]
+    assert all(r["backend"] == "torch" and r["ratio"] > 0 for r in data["rows"])
+    assert data["meta"]["torch"] == torch.__version__ and len(data["meta"]["loadavg_1_5_15_after"]) == 3
+    with pytest.raises(SystemExit):
+        script.main(["--out", str(out), "--sizes", "cpu-3x3"])
