@@ -281,6 +281,14 @@ def test_pndm_kept_outputs_are_static_buffers():
     f.step(m, f.timesteps[0], x)
     assert d.ets[0] is m and d.cur_sample is x
     assert f.ets[0] is not m and torch.equal(f.ets[0], m) and torch.equal(f.cur_sample, x)
+    # the next loop over an equal schedule writes the same buffers; another schedule gets new ones
+    kept, cur = f.ets[0], f.cur_sample
+    f.set_timesteps(10)
+    f.step(2 * m, f.timesteps[0], 2 * x)
+    assert f.ets[0] is kept and f.cur_sample is cur and torch.equal(kept, 2 * m) and torch.equal(cur, 2 * x)
+    f.set_timesteps(12)
+    f.step(m, f.timesteps[0], x)
+    assert f.ets[0] is not kept and torch.equal(kept, 2 * m)
 
 
 def test_pndm_fourth_order_without_this_output_runs_the_reference_step():
