@@ -283,9 +283,9 @@ class SchedulerBase(ConfigMixin):
                 plan, run = lane
                 noise = None
                 if plan.noise_dtype is not None:
-                    noise = randn_tensor(
-                        sample.shape, generator=generator, device=sample.device, dtype=plan.noise_dtype
-                    )
+                    noise = self._draw_noise(
+                        sample.shape, generator, sample.device, plan.noise_dtype, None, None, batch, plan.offset
+                    )[0]
                 prev, x0 = run(sample, model_output, noise)
                 self.last_backend = "torch"
                 self._advance(plan)
@@ -345,8 +345,7 @@ class SchedulerBase(ConfigMixin):
             prev, x0 = p.prev, p.x0
         self.last_backend = backend
         if lkey is not None and backend == "torch" and _is_plain(plan, model_output):
-            values = self._row(plan.table_key, plan.row, device)[1]
-            lane = ops.plain_lane(
+            lane = ops.plain_lane(  # values: the host row the fused call above was given
                 values, plan.noise_dtype is not None, plan.clip_range, plan.write_x0, out_dtype, x0_dtype
             )
             self._device_cache[lkey] = (dataclasses.replace(plan, model_output=None), lane)

@@ -65,18 +65,15 @@ class SigmaSchedulerBase(SchedulerBase):
     def _first_index(self, timestep) -> int:
         if self._begin_index is not None:
             return self._begin_index
+        starts = self._cached(("loop starts",), self._loop_starts)
         if isinstance(timestep, torch.Tensor) and timestep.numel() == 1:
-            i = self._element_index(timestep)
-            if i is not None:  # an element of self.timesteps (how loops pass them): a list lookup
-                start = self._cached(("loop starts",), self._loop_starts)[i]
-                if start is not None:
-                    return start
-        i = self.index_for_timestep(timestep)
+            i = self._element_index(timestep)  # an element of self.timesteps, as loops pass them: no search
+            if i is not None and starts[i] is not None:
+                return starts[i]
+        i = self.index_for_timestep(timestep)  # by value; raises or returns None when it is not in the schedule
         if i is None:
             raise self._schedule_error(self._timestep_value(timestep))
-        value = self._timestep_values[i]
-        matches = np.flatnonzero(self._timestep_values == value)
-        return int(matches[1]) if len(matches) > 1 else int(matches[0])
+        return starts[i]
 
     def _loop_starts(self) -> list:
         """Per schedule index j, where a loop whose first timestep is timesteps[j] starts: the second position of

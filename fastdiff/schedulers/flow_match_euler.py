@@ -149,10 +149,10 @@ class FlowMatchEulerDiscreteScheduler(SigmaSchedulerBase):
         # config: a loop calling set_timesteps before each batch gets the last one back without the numpy work
         memo_key = None
         if sigmas is None and timesteps is None and isinstance(mu, (type(None), int, float)):
-            memo_key = (n, mu, self._shift, cfg)
+            memo_key = (n, mu, self._shift)
             last = self.__dict__.get("_schedule_memo")
-            if last is not None and last[0][:3] == memo_key[:3] and last[0][3] is cfg:
-                self._install(*last[1:], device)
+            if last is not None and last[0] == memo_key and last[1] is cfg:
+                self._install(*last[2:], device)
                 self.sigmas = self.sigmas.to(device)
                 return
         given_ts = None if timesteps is None else np.array(timesteps).astype(np.float32)
@@ -174,7 +174,7 @@ class FlowMatchEulerDiscreteScheduler(SigmaSchedulerBase):
         sig = self._respace(sig, n)
         self._install_flow(torch.from_numpy(np.asarray(sig)).to(torch.float32), given_ts, device)
         if memo_key is not None:
-            self._schedule_memo = (memo_key, self._timestep_values, self._sigma_values)
+            self._schedule_memo = (memo_key, cfg, self._timestep_values, self._sigma_values)
 
     def _count_steps(self, num_inference_steps, sigmas, timesteps) -> int:
         """The number of steps, checked against the lengths of custom ``sigmas`` / ``timesteps``."""
