@@ -330,6 +330,15 @@ def test_lcm_after_the_last_step_asks_for_set_timesteps():
             s.step(x, 123, x)
 
 
+def _dpm_diffusers_torch_reference(cfg: dict) -> list:
+    """(name, scheduler) for diffusers' DPM-Solver and fastdiff's on the torch backend and the reference."""
+    return [
+        ("diffusers", diffusers.DPMSolverMultistepScheduler(**cfg)),
+        ("torch", fastdiff.DPMSolverMultistepScheduler(**cfg, backend="torch")),
+        ("reference", fastdiff.DPMSolverMultistepScheduler(**cfg, backend="reference")),
+    ]
+
+
 @pytest.mark.parametrize("order,solver_type", [(2, "heun"), (3, "midpoint"), (3, "heun")])
 def test_dpm_zero_length_last_step_is_the_identity_on_fused_backends(order, solver_type):
     """Karras sigmas with final_sigmas_type="sigma_min" end on two equal sigmas: a step of length h = 0. diffusers
@@ -346,11 +355,7 @@ def test_dpm_zero_length_last_step_is_the_identity_on_fused_backends(order, solv
     x0 = torch.randn(1, 2, 3, 3, generator=torch.Generator().manual_seed(0))
     outs = torch.randn(20, 1, 2, 3, 3, generator=torch.Generator().manual_seed(1))
     results = {}
-    for name, s in [
-        ("diffusers", diffusers.DPMSolverMultistepScheduler(**cfg)),
-        ("torch", fastdiff.DPMSolverMultistepScheduler(**cfg, backend="torch")),
-        ("reference", fastdiff.DPMSolverMultistepScheduler(**cfg, backend="reference")),
-    ]:
+    for name, s in _dpm_diffusers_torch_reference(cfg):
         s.set_timesteps(20)
         assert s.sigmas[-1] == s.sigmas[-2]  # the zero-length last step
         x = x0
@@ -371,11 +376,7 @@ def test_nan_in_a_zero_coefficient_term_on_the_torch_backend():
     m = torch.ones(1, 1, 1, 3)
     nan = torch.full((1, 1, 1, 3), float("nan"))
     last = {}
-    for name, s in [
-        ("diffusers", diffusers.DPMSolverMultistepScheduler(**cfg)),
-        ("torch", fastdiff.DPMSolverMultistepScheduler(**cfg, backend="torch")),
-        ("reference", fastdiff.DPMSolverMultistepScheduler(**cfg, backend="reference")),
-    ]:
+    for name, s in _dpm_diffusers_torch_reference(cfg):
         s.set_timesteps(2)
         s.step(m, s.timesteps[0], torch.zeros(1, 1, 1, 3))
         last[name] = s.step(m, s.timesteps[1], nan).prev_sample
