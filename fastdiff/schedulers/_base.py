@@ -63,9 +63,9 @@ class SchedulerBase(ConfigMixin):
         timesteps, fingerprint, device, config, backend and environment equal the previous schedule's (a loop
         calling set_timesteps before each batch), the per-schedule caches are kept: tables, validation, plans,
         lanes, history buffers. That is what a second loop over the same schedule would use anyway."""
-        kind = np.issubdtype(timesteps.dtype, np.integer)
+        integer = np.issubdtype(timesteps.dtype, np.integer)
         self.timesteps = torch.from_numpy(np.ascontiguousarray(timesteps)).to(
-            dtype=torch.int64 if kind else torch.float32, device=device
+            dtype=torch.int64 if integer else torch.float32, device=device
         )
         self._timestep_values = timesteps
         env = ops.environment()  # FASTDIFF_BACKEND and TRITON_INTERPRET, read once per schedule

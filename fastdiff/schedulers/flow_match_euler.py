@@ -152,8 +152,7 @@ class FlowMatchEulerDiscreteScheduler(SigmaSchedulerBase):
             memo_key = (n, mu, self._shift)
             last = self.__dict__.get("_schedule_memo")
             if last is not None and last[0] == memo_key and last[1] is cfg:
-                self._install(*last[2:], device)
-                self.sigmas = self.sigmas.to(device)
+                self._install_on(*last[2:], device)
                 return
         given_ts = None if timesteps is None else np.array(timesteps).astype(np.float32)
         if given_ts is not None and sigmas is None:
@@ -221,7 +220,10 @@ class FlowMatchEulerDiscreteScheduler(SigmaSchedulerBase):
             sig = torch.cat([sig, torch.ones(1)])
         else:
             sig = torch.cat([sig, torch.zeros(1)])
-        self._install(ts.numpy(), sig.numpy(), device)
+        self._install_on(ts.numpy(), sig.numpy(), device)
+
+    def _install_on(self, timesteps: np.ndarray, sigmas: np.ndarray, device) -> None:
+        self._install(timesteps, sigmas, device)
         self.sigmas = self.sigmas.to(device)  # diffusers keeps this scheduler's sigmas on the device
 
     # ------------------------------------------------------------------ step index
