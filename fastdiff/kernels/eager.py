@@ -18,7 +18,7 @@ order by an ulp.
 from __future__ import annotations
 
 import weakref
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -149,6 +149,20 @@ def _programs_for(coef: Tensor) -> dict:
     return programs
 
 
+class _Flags(NamedTuple):
+    """A call shape: which operands and outputs a step has (a program's key beside its row). ``fused_step`` keys
+    by the plain tuple of these fields in this order, which equals the _Flags and hashes alike."""
+
+    noise: int  # NoiseMode
+    thresh: bool
+    clip: bool
+    write_x0: bool
+    want_prev: bool
+    has_last: bool
+    has_corr: bool
+    nhist: int
+
+
 def _program_by_values(values: tuple, flags: tuple) -> _Program:
     key = (values, flags)
     program = _BY_VALUES.get(key)
@@ -161,6 +175,7 @@ def _program_by_values(values: tuple, flags: tuple) -> _Program:
 
 def fused_step(p) -> None:
     """Evaluate one ``fastdiff.ops.StepParams`` with torch ops (see ``fastdiff.coefs`` for the formula)."""
+    # _Flags' fields as a plain tuple (equal to and hashed like the _Flags; building one per step costs ~1 us)
     flags = (
         int(p.noise_mode),
         p.thresh is not None,
@@ -187,25 +202,25 @@ def fused_step(p) -> None:
 class _Program:
     """The step's formula for one row and one call shape, with every term that is a host zero dropped."""
 
-    def __init__(self, r: _Row, flags):
-        noise, thresh, clip, write_x0, want_prev, has_last, _, nhist = flags
+    def __init__(self, r: _Row, flags: tuple):
+        flags = _Flags(*flags)
         self.r = r
-        self.want_prev, self.write_x0 = bool(want_prev), bool(write_x0)
-        hist = ("h1", "h2", "h3")[:nhist]
-        self.xh = _Sum(r, [(None, "x"), (coefs.K_PRE, "z")]) if noise != NoiseMode.NONE else None
+        self.want_prev, self.write_x0 = bool(flags.want_prev), bool(flags.write_x0)
+        hist = ("h1", "h2", "h3")[: flags.nhist]
+        self.xh = _Sum(r, [(None, "x"), (coefs.K_PRE, "z")]) if flags.noise != NoiseMode.NONE else None
         self.x0 = _Sum(r, [(coefs.A_X, "xh"), (coefs.A_M, "m")])
         self.x_s = None if r.is_(coefs.X_S, 1.0) else r.scalar(coefs.X_S)
         corr = [(coefs.L_L, "last"), (coefs.L_0, "x0")] + list(zip((coefs.L_1, coefs.L_2, coefs.L_3), hist))
-        self.xc = _Sum(r, corr) if has_last else None
+        self.xc = _Sum(r, corr) if flags.has_last else None
         self.eps = None
-        if want_prev and not r.is_(coefs.C_E, 0.0):
+        if self.want_prev and not r.is_(coefs.C_E, 0.0):
             self.eps = _Sum(r, [(coefs.E_X, "xh"), (coefs.E_M, "m"), (coefs.E_0, "x0")])
         self.e_s = None if r.is_(coefs.E_S, 1.0) else r.scalar(coefs.E_S)
         prev = [(coefs.C_0, "x0")] + ([(coefs.C_E, "eps")] if self.eps is not None else []) + [(coefs.C_X, "xc")]
         self.prev = _Sum(r, prev + list(zip((coefs.H_1, coefs.H_2, coefs.H_3), hist)))
         # x0 is computed when written, clipped (a thresholding pass), or read by the update or the corrector
         readers = [self.prev] + [s for s in (self.eps, self.xc) if s is not None]
-        self.need_x0 = bool(write_x0 or thresh or clip or any("x0" in s.names() for s in readers))
+        self.need_x0 = bool(self.write_x0 or flags.thresh or flags.clip or any("x0" in s.names() for s in readers))
 
     def run(self, p) -> None:
         x = _f32(p.sample)
@@ -308,15 +323,15 @@ class Lane:
     __slots__ = ("program", "clip_range", "out_dtype", "x0_dtype")
 
     def __init__(self, values: tuple, noise: bool, clip_range: float, write_x0: bool, out_dtype, x0_dtype):
-        flags = (
-            int(NoiseMode.TENSOR if noise else NoiseMode.NONE),
-            False,
-            clip_range > 0,
-            write_x0,
-            True,
-            False,
-            False,
-            0,
+        flags = _Flags(
+            noise=int(NoiseMode.TENSOR if noise else NoiseMode.NONE),
+            thresh=False,
+            clip=clip_range > 0,
+            write_x0=write_x0,
+            want_prev=True,
+            has_last=False,
+            has_corr=False,
+            nhist=0,
         )
         self.program = _program_by_values(tuple(values), flags)
         self.clip_range, self.out_dtype, self.x0_dtype = clip_range, out_dtype, x0_dtype
