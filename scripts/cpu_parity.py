@@ -31,10 +31,8 @@ def main(argv=None) -> int:
 
     import logging
 
-    import diffusers
     import torch
 
-    import fastdiff
     from fastdiff import bench
 
     warnings.filterwarnings("ignore")
@@ -54,12 +52,9 @@ def main(argv=None) -> int:
         commit = None
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        **bench.environment(),  # versions (torch, diffusers, fastdiff, python, ...)
         "device": f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "fastdiff": fastdiff.__version__,
         "commit": commit,
-        "python": platform.python_version(),
         "torch_threads": torch.get_num_threads(),
         "dtype": "float32",
         "steps_per_walk": args.steps,
